@@ -1,0 +1,155 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::dag::exec::Executor;
+use crate::spec::LoadedSpec;
+use crate::store::Store;
+
+#[derive(Parser, Debug)]
+#[command(name = "ieu-bench", version, about = "Reproducible benchmark of the IEU backdoor defence for vision transformers")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// Experiment spec (YAML). Default: the embedded experiments/default.yaml (synthetic data).
+    pub spec: Option<PathBuf>,
+    /// Scale: smoke (tests, seconds), cpu (default, minutes per cell on 2 cores), paper (224², ViT-S/16; GPU).
+    #[arg(long, default_value = "cpu")]
+    pub scale: String,
+    /// Content-addressed artefact store.
+    #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
+    pub store: PathBuf,
+    /// Where datasets are looked up (e.g. DIR/cifar-10-batches-bin).
+    #[arg(long, env = "IEU_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Restrict a grid axis, e.g. --only attack=badnets-white,blended (repeatable).
+    #[arg(long = "only", value_name = "AXIS=V1,V2")]
+    pub only: Vec<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Markdown,
+    Csv,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Plan a spec into steps and run those not yet in the store.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Print the plan and stop.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Render what the store holds for a spec.
+    Report {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_enum, default_value = "markdown")]
+        format: Format,
+        /// Write the report to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print a step's manifest (kind, parameters, inputs, output digests, duration, backend).
+    Show {
+        /// Step hash or a unique prefix of it.
+        hash: String,
+        #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
+        store: PathBuf,
+        /// Also re-hash the outputs and check them against the manifest.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Measure training-step throughput (images/s) of a scale's ViT on this backend.
+    Bench {
+        #[arg(long, default_value = "cpu")]
+        scale: String,
+        /// Timed training steps (after two warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
+}
+
+fn load(common: &Common) -> Result<(LoadedSpec, crate::spec::Scale, crate::dag::Plan, Store)> {
+    let mut spec = LoadedSpec::load(common.spec.as_deref())?;
+    spec.apply_only(&common.only)?;
+    let scale = spec.scale(&common.scale)?;
+    let plan = crate::spec::plan::plan(&spec, &scale, common.data_dir.as_deref())?;
+    let store = Store::open(&common.store)?;
+    Ok((spec, scale, plan, store))
+}
+
+pub fn main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { common, dry_run } => {
+            let t0 = Instant::now();
+            let (spec, _scale, plan, store) = load(&common)?;
+            let cached = plan.steps.iter().filter(|s| store.contains(&s.key)).count();
+            let total = plan.steps.len();
+            if dry_run {
+                println!("spec {} at scale {}: {} grid cells", spec.origin, common.scale, plan.cells.len());
+                for s in &plan.steps {
+                    let state = if store.contains(&s.key) { "cached" } else { "to run" };
+                    println!("  {:<8} {}  {:<9} {}", state, s.short(), s.kind.name(), s.label);
+                }
+                println!("plan: {total} steps, {cached} cached, {} to run", total - cached);
+                return Ok(());
+            }
+            let exec = Executor::new(store.clone(), common.data_dir.clone());
+            let summary = exec.run(&plan)?;
+            let mut df = crate::report::collect(&plan, &store)?;
+            println!("{}", crate::report::to_csv(&mut df)?.trim_end());
+            println!(
+                "done: {total} steps, {} run, {} cached, {:.1}s",
+                summary.ran,
+                total - summary.ran,
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Report { common, format, out } => {
+            let (spec, _scale, plan, store) = load(&common)?;
+            let mut df = crate::report::collect(&plan, &store)?;
+            let text = match format {
+                Format::Csv => crate::report::to_csv(&mut df)?,
+                Format::Markdown => crate::report::to_markdown(&df, &spec, &common.scale)?,
+            };
+            match out {
+                Some(p) => std::fs::write(&p, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+        Command::Show { hash, store, verify } => {
+            if !store.join("objects").is_dir() {
+                bail!("no store at {} (pass --store or set IEU_STORE)", store.display());
+            }
+            let store = Store::open(&store)?;
+            let key = store.resolve(&hash)?;
+            let m = store.manifest(&key)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+            if verify {
+                store.verify(&key)?;
+                println!("verified: every output matches its digest");
+            }
+            Ok(())
+        }
+        Command::Bench { scale, steps } => {
+            let scale = crate::spec::load_scale(crate::spec::DEFAULT_SCALES, "<embedded experiments/scales.yaml>", &scale)?;
+            let r = crate::train::bench::train_throughput(&scale, steps)?;
+            println!("{r}");
+            Ok(())
+        }
+    }
+}

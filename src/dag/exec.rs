@@ -1,0 +1,126 @@
+//! Executing a plan: every step whose key is not in the store is computed into a staging
+//! directory and published atomically; stored steps are skipped.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+
+use super::{Kind, Plan, Step};
+use crate::store::{Manifest, Store};
+
+pub struct Executor {
+    store: Store,
+    data_dir: Option<PathBuf>,
+    device: burn::prelude::Device,
+}
+
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub ran: usize,
+    pub cached: usize,
+}
+
+impl Executor {
+    pub fn new(store: Store, data_dir: Option<PathBuf>) -> Self {
+        Self { store, data_dir, device: crate::default_device() }
+    }
+
+    pub fn run(&self, plan: &Plan) -> Result<RunSummary> {
+        let mut summary = RunSummary::default();
+        let todo: Vec<&Step> = plan.steps.iter().filter(|s| !self.store.contains(&s.key)).collect();
+        summary.cached = plan.steps.len() - todo.len();
+        tracing::info!("{} steps: {} cached, {} to run", plan.steps.len(), summary.cached, todo.len());
+        for (n, step) in todo.iter().enumerate() {
+            tracing::info!("[{}/{}] {} {} ({})", n + 1, todo.len(), step.kind.name(), step.label, step.short());
+            let t0 = Instant::now();
+            let staging = self.store.stage()?;
+            self.compute(step, staging.path()).with_context(|| format!("step '{}' ({}) failed", step.label, step.short()))?;
+            let manifest = Manifest {
+                key: step.key.clone(),
+                kind: step.kind.name().to_string(),
+                label: step.label.clone(),
+                kind_version: step.kind.version(),
+                tool_version: env!("CARGO_PKG_VERSION").to_string(),
+                params: step.params.clone(),
+                inputs: step.inputs.clone(),
+                outputs: Default::default(),
+                duration_s: t0.elapsed().as_secs_f64(),
+                backend: crate::backend_name().to_string(),
+                created: chrono::Utc::now().to_rfc3339(),
+            };
+            self.store.publish(staging, manifest)?;
+            tracing::info!("    done in {:.1}s", t0.elapsed().as_secs_f64());
+            summary.ran += 1;
+        }
+        Ok(summary)
+    }
+
+    fn input(&self, step: &Step, role: &str) -> Result<PathBuf> {
+        let key = step.inputs.get(role).ok_or_else(|| anyhow!("step {} has no input '{role}'", step.label))?;
+        Ok(self.store.object_dir(key))
+    }
+
+    fn compute(&self, step: &Step, out: &std::path::Path) -> Result<()> {
+        let dev = &self.device;
+        match step.kind {
+            Kind::Dataset => {
+                let p: crate::data::DatasetParams = step.params()?;
+                let data_dir = step.locators.get("data_dir").or(self.data_dir.as_ref());
+                let meta = crate::data::run_dataset_step(&p, data_dir.map(|p| p.as_path()), out)?;
+                tracing::info!("    {}: {} pretrain, {} tune, {} test images", meta.name, meta.pretrain, meta.tune, meta.test);
+            }
+            Kind::Poison => {
+                let p: crate::attacks::PoisonParams = step.params()?;
+                let n = crate::attacks::run_poison_step(&p, &self.input(step, "dataset")?, step.locators.get("trigger_file"), out)?;
+                tracing::info!("    {} poisoned training images", n);
+            }
+            Kind::Pretrain => {
+                let p: crate::train::PretrainParams = step.params()?;
+                let acc = crate::train::run_pretrain_step(&p, &self.input(step, "dataset")?, out, dev)?;
+                tracing::info!("    pretrained checkpoint: {acc:.2}% clean test accuracy");
+            }
+            Kind::Stage1 => {
+                let p: crate::defences::ieu::Stage1Params = step.params()?;
+                let poison = self.input(step, "poison")?;
+                let dataset = self.dataset_of(&poison)?;
+                crate::defences::ieu::run_stage1_step(&p, &dataset, &poison, &self.input(step, "pretrain")?, out, dev)?;
+            }
+            Kind::Finetune => {
+                let p: crate::defences::FinetuneParams = step.params()?;
+                let poison = self.input(step, "poison")?;
+                let dataset = self.dataset_of(&poison)?;
+                let pretrain = self.input(step, "pretrain")?;
+                let stage1 = step.inputs.get("stage1").map(|k| self.store.object_dir(k));
+                let inputs = crate::defences::FinetuneInputs {
+                    dataset: &dataset,
+                    poison: &poison,
+                    pretrain: &pretrain,
+                    stage1: stage1.as_deref(),
+                };
+                crate::defences::run_finetune_step(&p, &inputs, out, dev)?;
+            }
+            Kind::Evaluate => {
+                let p: crate::metrics::EvalParams = step.params()?;
+                let m = crate::metrics::run_evaluate_step(
+                    &p,
+                    &self.input(step, "finetune")?,
+                    &self.input(step, "poison")?,
+                    &self.input(step, "dataset")?,
+                    out,
+                    dev,
+                )?;
+                tracing::info!("    CA {:.2}%  ASR {:.2}%", m.ca, m.asr);
+            }
+        }
+        Ok(())
+    }
+
+    /// The dataset step a poison step was made from (its recorded input).
+    fn dataset_of(&self, poison_dir: &std::path::Path) -> Result<PathBuf> {
+        let key = poison_dir.file_name().and_then(|s| s.to_str()).ok_or_else(|| anyhow!("bad store path"))?;
+        let m = self.store.manifest(key)?;
+        let d = m.inputs.get("dataset").ok_or_else(|| anyhow!("poison step {key} has no dataset input"))?;
+        Ok(self.store.object_dir(d))
+    }
+}

@@ -1,0 +1,176 @@
+//! Steps, keys and plans.
+//!
+//! A step is a kind, canonical parameters and the keys of its input steps. Its key is the
+//! blake3 hash of those together with the kind's code version, so a step is a pure function
+//! of its key: the same key always names the same computation, and a key present in the
+//! store is never recomputed.
+
+pub mod exec;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Read or generate a dataset; split it into pretrain / tune / test.
+    Dataset,
+    /// Apply an attack to the tune and test sets.
+    Poison,
+    /// Train the clean starting checkpoint on the pretrain split.
+    Pretrain,
+    /// IEU stage 1: tune the shallow poisoned module f_p.
+    Stage1,
+    /// Finetune f_r under a defence.
+    Finetune,
+    /// CA, ASR and isolation metrics of a finetuned model.
+    Evaluate,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Dataset => "dataset",
+            Kind::Poison => "poison",
+            Kind::Pretrain => "pretrain",
+            Kind::Stage1 => "stage1",
+            Kind::Finetune => "finetune",
+            Kind::Evaluate => "evaluate",
+        }
+    }
+
+    /// Bumped whenever the kind's computation changes, so old artefacts are not reused.
+    pub fn version(self) -> u32 {
+        match self {
+            Kind::Dataset => crate::data::DATASET_VERSION,
+            Kind::Poison => crate::attacks::POISON_VERSION,
+            Kind::Pretrain => crate::train::PRETRAIN_VERSION,
+            Kind::Stage1 => crate::defences::ieu::STAGE1_VERSION,
+            Kind::Finetune => crate::defences::FINETUNE_VERSION,
+            Kind::Evaluate => crate::metrics::EVALUATE_VERSION,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub kind: Kind,
+    /// Human-readable name, e.g. `poison cifar10/blended`.
+    pub label: String,
+    pub params: Value,
+    /// Input role -> key.
+    pub inputs: BTreeMap<String, String>,
+    /// Where to find files on this machine (data directories, trigger files). Not hashed:
+    /// the content digests in `params` stand for them.
+    pub locators: BTreeMap<String, PathBuf>,
+    pub key: String,
+}
+
+impl Step {
+    pub fn new<P: Serialize>(kind: Kind, label: impl Into<String>, params: &P, inputs: BTreeMap<String, String>) -> Result<Self> {
+        let params = serde_json::to_value(params)?;
+        let key = step_key(kind, &params, &inputs);
+        Ok(Self { kind, label: label.into(), params, inputs, locators: BTreeMap::new(), key })
+    }
+
+    pub fn with_locator(mut self, name: &str, path: PathBuf) -> Self {
+        self.locators.insert(name.to_string(), path);
+        self
+    }
+
+    pub fn params<T: for<'de> Deserialize<'de>>(&self) -> Result<T> {
+        Ok(serde_json::from_value(self.params.clone())?)
+    }
+
+    pub fn short(&self) -> &str {
+        &self.key[..12]
+    }
+}
+
+/// JSON with object keys sorted at every level, whatever map type serde_json uses.
+pub fn canonical_json(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let parts: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical_json(&m[k])))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(a) => format!("[{}]", a.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
+}
+
+pub fn step_key(kind: Kind, params: &Value, inputs: &BTreeMap<String, String>) -> String {
+    let doc = serde_json::json!({
+        "kind": kind.name(),
+        "kind_version": kind.version(),
+        "params": params,
+        "inputs": inputs,
+    });
+    blake3::hash(canonical_json(&doc).as_bytes()).to_hex().to_string()
+}
+
+/// One grid cell of a spec and the step whose metrics it reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub dataset: String,
+    pub attack: String,
+    pub defence: String,
+    pub evaluate: String,
+}
+
+impl Cell {
+    pub fn axis(&self, axis: &str) -> &str {
+        match axis {
+            "dataset" => &self.dataset,
+            "attack" => &self.attack,
+            _ => &self.defence,
+        }
+    }
+}
+
+/// Steps in dependency order, each once, and the grid cells they serve.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub cells: Vec<Cell>,
+    seen: HashSet<String>,
+}
+
+impl Plan {
+    /// Adds a step unless an identical one is already planned; returns its key.
+    pub fn add(&mut self, step: Step) -> String {
+        let key = step.key.clone();
+        if self.seen.insert(key.clone()) {
+            self.steps.push(step);
+        }
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_depends_on_params_inputs_and_kind_but_not_map_order() {
+        let a = serde_json::json!({"x": 1, "y": [1, 2], "z": {"b": 1, "a": 2}});
+        let b: Value = serde_json::from_str(r#"{"z": {"a": 2, "b": 1}, "y": [1, 2], "x": 1}"#).unwrap();
+        let none = BTreeMap::new();
+        assert_eq!(step_key(Kind::Poison, &a, &none), step_key(Kind::Poison, &b, &none));
+        assert_ne!(step_key(Kind::Poison, &a, &none), step_key(Kind::Dataset, &a, &none));
+        let c = serde_json::json!({"x": 2, "y": [1, 2], "z": {"b": 1, "a": 2}});
+        assert_ne!(step_key(Kind::Poison, &a, &none), step_key(Kind::Poison, &c, &none));
+        let inp: BTreeMap<String, String> = [("data".to_string(), "k".to_string())].into();
+        assert_ne!(step_key(Kind::Poison, &a, &none), step_key(Kind::Poison, &a, &inp));
+        assert_eq!(canonical_json(&b), r#"{"x":1,"y":[1,2],"z":{"a":2,"b":1}}"#);
+    }
+}

@@ -1,0 +1,81 @@
+//! Defences and the `finetune` step.
+//!
+//! Every defence finetunes the robust model f_r, initialised from the pretrained checkpoint
+//! with a fresh head, on the attacker-supplied (poisoned) finetuning set, with the paper's
+//! finetuning recipe (Appendix A.2): AdamW, a one-epoch linear warm-up then cosine decay of
+//! the learning rate, weight decay following a cosine from `wd_start` to `wd_end`, and the
+//! SiT training views.
+
+pub mod ieu;
+pub mod none;
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{FinetuneSchedule, Scale, Views};
+use crate::train::View;
+
+pub const FINETUNE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum DefenceParams {
+    /// Vanilla finetuning.
+    None,
+    /// Interleaved Ensemble Unlearning, stage 2 (Algorithm 1).
+    Ieu { c_thresh: f64, logit_masking: bool },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneParams {
+    pub defence: DefenceParams,
+    pub schedule: FinetuneSchedule,
+    pub batch_size: usize,
+    pub views: Views,
+    pub seed: u64,
+}
+
+impl FinetuneParams {
+    pub fn from_scale(s: &Scale, defence: DefenceParams, seed: u64) -> Self {
+        Self { defence, schedule: s.finetune.clone(), batch_size: s.batch_size, views: s.views, seed }
+    }
+
+    /// The views f_r learns from.
+    pub fn learn_views(&self) -> &'static [View] {
+        match self.views {
+            Views::Sit => &[View::Crop, View::Corrupt],
+            Views::Crop => &[View::Crop],
+        }
+    }
+
+    /// Per-iteration learning rate and weight decay for `iters` iterations per epoch.
+    pub fn schedules(&self, iters: usize) -> (Vec<f64>, Vec<f64>) {
+        let s = &self.schedule;
+        let lr = crate::train::cosine_schedule(s.lr, s.min_lr, s.epochs, iters, s.warmup_epochs, 0.0);
+        let wd = crate::train::cosine_schedule(s.wd_start, s.wd_end, s.epochs, iters, 0, 0.0);
+        (lr, wd)
+    }
+}
+
+/// Inputs of a finetune step, as directories of published steps.
+pub struct FinetuneInputs<'a> {
+    pub dataset: &'a Path,
+    pub poison: &'a Path,
+    pub pretrain: &'a Path,
+    pub stage1: Option<&'a Path>,
+}
+
+/// Runs the `finetune` step: writes the defended f_r (`model.safetensors`, `config.json`)
+/// and `train_stats.json` (losses, and for IEU the gate and unlearning statistics).
+pub fn run_finetune_step(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
+    match &p.defence {
+        DefenceParams::None => none::run(p, inputs, out, device),
+        DefenceParams::Ieu { c_thresh, logit_masking } => {
+            let Some(stage1) = inputs.stage1 else { bail!("ieu finetuning needs the stage-1 poisoned module") };
+            ieu::run_stage2(p, *c_thresh, *logit_masking, inputs, stage1, out, device)
+        }
+    }
+}

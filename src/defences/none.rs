@@ -1,0 +1,47 @@
+//! No defence: vanilla finetuning of f_r on the poisoned finetuning set.
+
+use std::path::Path;
+
+use anyhow::Result;
+use burn::prelude::*;
+
+use super::{FinetuneInputs, FinetuneParams};
+use crate::data::ImageSet;
+use crate::train::{Supervised, iters_per_epoch, train_supervised};
+
+/// Loads the pretrained checkpoint on the autodiff device with a fresh head: the starting
+/// point of f_r for every defence.
+pub fn initial_robust_model(
+    pretrain: &Path,
+    num_classes: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<(crate::models::Vit, crate::models::VitConfig)> {
+    let ad = device.clone().autodiff();
+    device.seed(seed ^ 0x4EAD);
+    let (vit, mut cfg) = crate::models::load_vit(pretrain, &ad)?;
+    cfg.num_classes = num_classes;
+    Ok((vit.with_new_head(num_classes, &ad), cfg))
+}
+
+pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
+    let meta = crate::data::load_meta(inputs.dataset)?;
+    let tune = ImageSet::load(&inputs.poison.join("tune.safetensors"))?;
+    let (model, cfg) = initial_robust_model(inputs.pretrain, meta.num_classes(), p.seed, device)?;
+    let iters = iters_per_epoch(tune.len(), p.batch_size);
+    let (lr, wd) = p.schedules(iters);
+    let sup = Supervised {
+        label: "finetune",
+        epochs: p.schedule.epochs,
+        batch_size: p.batch_size,
+        views: p.learn_views(),
+        lr,
+        wd,
+        seed: p.seed,
+    };
+    let ad = device.clone().autodiff();
+    let (model, log) = train_supervised(model, &tune, &meta, &sup, &ad)?;
+    crate::models::save_vit(&model.valid(), &cfg, out)?;
+    let stats = serde_json::json!({ "loss_per_epoch": log });
+    crate::store::write_synced(&out.join("train_stats.json"), serde_json::to_string_pretty(&stats)?.as_bytes())
+}

@@ -1,0 +1,49 @@
+//! ieu-bench: a reproducible benchmark of IEU (Interleaved Ensemble Unlearning), a defence
+//! for finetuning clean pretrained vision transformers on backdoor-poisoned data.
+//!
+//! A YAML spec ([`spec`]) is resolved into a DAG of content-addressed steps ([`dag`]):
+//! dataset → poisoned dataset → pretrained checkpoint → f_p → defended f_r → metrics.
+//! Outputs live in a content-addressed store ([`store`]); reports are rendered from it
+//! ([`report`]).
+
+pub mod attacks;
+pub mod cli;
+pub mod dag;
+pub mod data;
+pub mod defences;
+pub mod logging;
+pub mod metrics;
+pub mod models;
+pub mod progress;
+pub mod report;
+pub mod spec;
+pub mod store;
+pub mod train;
+
+/// The compute device steps run on: the flex CPU backend by default, CUDA or wgpu when the
+/// crate is built with the `cuda` / `wgpu` feature.
+pub fn default_device() -> burn::prelude::Device {
+    #[cfg(feature = "cuda")]
+    {
+        return burn::prelude::Device::cuda(0);
+    }
+    #[allow(unreachable_code)]
+    {
+        #[cfg(feature = "wgpu")]
+        {
+            return burn::prelude::Device::wgpu_default();
+        }
+        burn::prelude::Device::flex()
+    }
+}
+
+/// A short name of the backend, recorded in every manifest.
+pub fn backend_name() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else if cfg!(feature = "wgpu") {
+        "wgpu"
+    } else {
+        "flex-cpu"
+    }
+}

@@ -1,0 +1,76 @@
+//! Metrics and the `evaluate` step: clean accuracy (CA) on the clean test split, attack
+//! success rate (ASR) on the triggered non-target test images, and for IEU the gate's
+//! isolation quality on the finetuning set (FPR/FNR, Table 6's "Poison"/"Clean").
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::data::ImageSet;
+
+pub const EVALUATE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalParams {
+    pub batch_size: usize,
+}
+
+/// Percentages.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Metrics {
+    pub ca: f64,
+    pub asr: f64,
+    pub n_clean: usize,
+    pub n_poisoned: usize,
+    pub fpr: Option<f64>,
+    pub fnr: Option<f64>,
+    pub poison_flagged: Option<f64>,
+    pub clean_flagged: Option<f64>,
+    pub unlearn_steps: Option<f64>,
+}
+
+impl Metrics {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        match name {
+            "ca" => Some(self.ca),
+            "asr" => Some(self.asr),
+            "fpr" => self.fpr,
+            "fnr" => self.fnr,
+            "poison_flagged" => self.poison_flagged,
+            "clean_flagged" => self.clean_flagged,
+            "unlearn_steps" => self.unlearn_steps,
+            _ => None,
+        }
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("metrics.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// Runs the `evaluate` step on a finetuned model; writes `metrics.json`.
+pub fn run_evaluate_step(p: &EvalParams, finetune: &Path, poison: &Path, dataset: &Path, out: &Path, device: &Device) -> Result<Metrics> {
+    let meta = crate::data::load_meta(dataset)?;
+    let (model, _) = crate::models::load_vit(finetune, device)?;
+    let clean = ImageSet::load(&dataset.join("test.safetensors"))?;
+    let triggered = ImageSet::load(&poison.join("test.safetensors"))?;
+    let ca = crate::train::accuracy(&crate::train::predict(&model, &clean, &meta, p.batch_size, device), &clean);
+    let asr = crate::train::accuracy(&crate::train::predict(&model, &triggered, &meta, p.batch_size, device), &triggered);
+    let mut m = Metrics { ca, asr, n_clean: clean.len(), n_poisoned: triggered.len(), ..Default::default() };
+    let stats_path = finetune.join("train_stats.json");
+    if let Ok(text) = std::fs::read_to_string(&stats_path) {
+        if let Ok(s) = serde_json::from_str::<crate::defences::ieu::Stage2Stats>(&text) {
+            m.fpr = Some(s.gate.fpr());
+            m.fnr = Some(s.gate.fnr());
+            m.poison_flagged = Some(s.gate.poison_flagged_pct());
+            m.clean_flagged = Some(s.gate.fpr());
+            m.unlearn_steps = Some(s.unlearn_steps as f64);
+        }
+    }
+    crate::store::write_synced(&out.join("metrics.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+    Ok(m)
+}

@@ -1,0 +1,243 @@
+//! Vision Transformer (Dosovitskiy et al., 2021) in the layout of the paper's ViT-S
+//! (reference notes §3.1): patch embedding, a CLS token and learned position embeddings,
+//! pre-norm blocks (LayerNorm eps 1e-6, fused qkv with bias, GELU MLP), a final LayerNorm,
+//! and the SiT-style head: [CLS, mean of patch tokens] → Linear(2d→d) → GELU → Linear(d→C).
+//! Linear weights and embeddings are initialised N(0, 0.02²), biases 0.
+//!
+//! The poisoned module f_p is the same model truncated to its first k blocks, with a fresh
+//! head ([`Vit::truncated`]).
+
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, softmax};
+use serde::{Deserialize, Serialize};
+
+/// Architecture of a ViT; stored beside every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: usize,
+    pub num_classes: usize,
+}
+
+impl VitConfig {
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
+    }
+    pub fn patch_dim(&self) -> usize {
+        3 * self.patch_size * self.patch_size
+    }
+}
+
+const LN_EPS: f64 = 1e-6;
+
+fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device)
+        .zero_bias()
+}
+
+trait ZeroBias {
+    fn zero_bias(self) -> Self;
+}
+
+impl ZeroBias for Linear {
+    fn zero_bias(mut self) -> Self {
+        if let Some(b) = self.bias.take() {
+            let dims = b.val().dims();
+            let device = b.val().device();
+            self.bias = Some(Param::from_tensor(Tensor::zeros(dims, &device)));
+        }
+        self
+    }
+}
+
+fn layer_norm(dim: usize, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(dim).with_epsilon(LN_EPS).init(device)
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, d] = x.dims();
+        let hd = d / self.heads;
+        // [B, N, 3, H, hd] -> [3, B, H, N, hd]
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
+        let q: Tensor<4> = qkv.clone().slice([0..1]).reshape([b, self.heads, n, hd]);
+        let k: Tensor<4> = qkv.clone().slice([1..2]).reshape([b, self.heads, n, hd]);
+        let v: Tensor<4> = qkv.slice([2..3]).reshape([b, self.heads, n, hd]);
+        let scale = (hd as f64).powf(-0.5);
+        let attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+        let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, d]);
+        self.proj.forward(out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    fn new(dim: usize, heads: usize, mlp_ratio: usize, device: &Device) -> Self {
+        Self {
+            norm1: layer_norm(dim, device),
+            attn: Attention { qkv: linear(dim, 3 * dim, device), proj: linear(dim, dim, device), heads },
+            norm2: layer_norm(dim, device),
+            mlp: Mlp { fc1: linear(dim, dim * mlp_ratio, device), fc2: linear(dim * mlp_ratio, dim, device) },
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
+        let h = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
+        x + h
+    }
+}
+
+/// SiT head over [CLS, mean patch token].
+#[derive(Module, Debug)]
+pub struct Head {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Head {
+    fn new(dim: usize, classes: usize, device: &Device) -> Self {
+        Self { fc1: linear(2 * dim, dim, device), fc2: linear(dim, classes, device) }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Vit {
+    /// Patch projection: a linear map of flattened (c, py, px) patches, equivalent to
+    /// timm's stride-p convolution.
+    pub patch_embed: Linear,
+    pub cls_token: Param<Tensor<3>>,
+    pub pos_embed: Param<Tensor<3>>,
+    pub blocks: Vec<Block>,
+    pub norm: LayerNorm,
+    pub head: Head,
+    patch_size: usize,
+}
+
+impl Vit {
+    pub fn new(cfg: &VitConfig, device: &Device) -> Self {
+        let n = cfg.num_patches();
+        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        Self {
+            patch_embed: linear(cfg.patch_dim(), cfg.dim, device),
+            cls_token: init.init([1, 1, cfg.dim], device),
+            pos_embed: init.init([1, n + 1, cfg.dim], device),
+            blocks: (0..cfg.depth).map(|_| Block::new(cfg.dim, cfg.heads, cfg.mlp_ratio, device)).collect(),
+            norm: layer_norm(cfg.dim, device),
+            head: Head::new(cfg.dim, cfg.num_classes, device),
+            patch_size: cfg.patch_size,
+        }
+    }
+
+    /// The first `depth` blocks of this model with a freshly initialised head for
+    /// `num_classes` classes (the paper's f_p when applied to the pretrained checkpoint).
+    pub fn truncated(&self, depth: usize, num_classes: usize, device: &Device) -> Self {
+        let dim = self.norm.gamma.val().dims()[0];
+        Self {
+            patch_embed: self.patch_embed.clone(),
+            cls_token: self.cls_token.clone(),
+            pos_embed: self.pos_embed.clone(),
+            blocks: self.blocks[..depth.min(self.blocks.len())].to_vec(),
+            norm: self.norm.clone(),
+            head: Head::new(dim, num_classes, device),
+            patch_size: self.patch_size,
+        }
+    }
+
+    /// The same backbone with a fresh head (finetuning starts from the checkpoint's body).
+    pub fn with_new_head(self, num_classes: usize, device: &Device) -> Self {
+        let dim = self.norm.gamma.val().dims()[0];
+        Self { head: Head::new(dim, num_classes, device), ..self }
+    }
+
+    /// Images [B, 3, H, W] (normalised) → patch tokens [B, N, 3·p·p].
+    fn patchify(&self, x: Tensor<4>) -> Tensor<3> {
+        let [b, c, h, w] = x.dims();
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        x.reshape([b * c * gh, p, gw, p])
+            .swap_dims(1, 2) // [b·c·gh, gw, p, p]
+            .reshape([b, c, gh * gw, p * p])
+            .swap_dims(1, 2) // [b, N, c, p·p]
+            .reshape([b, gh * gw, c * p * p])
+    }
+
+    /// Token features after the final norm: [B, N+1, d].
+    pub fn features(&self, x: Tensor<4>) -> Tensor<3> {
+        let b = x.dims()[0];
+        let tokens = self.patch_embed.forward(self.patchify(x));
+        let d = tokens.dims()[2];
+        let cls = self.cls_token.val().expand([b, 1, d]);
+        let mut h = Tensor::cat(vec![cls, tokens], 1) + self.pos_embed.val();
+        for blk in &self.blocks {
+            h = blk.forward(h);
+        }
+        self.norm.forward(h)
+    }
+
+    /// Logits [B, C].
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let h = self.features(x);
+        let [b, n1, d] = h.dims();
+        let cls: Tensor<2> = h.clone().slice([0..b, 0..1]).reshape([b, d]);
+        let mean: Tensor<2> = h.slice([0..b, 1..n1]).mean_dim(1).reshape([b, d]);
+        let z = Tensor::cat(vec![cls, mean], 1);
+        self.head.fc2.forward(gelu(self.head.fc1.forward(z)))
+    }
+
+    pub fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patchify_matches_channel_major_patch_flattening() {
+        let device = Device::flex();
+        let cfg = VitConfig { image_size: 4, patch_size: 2, dim: 8, depth: 1, heads: 2, mlp_ratio: 2, num_classes: 3 };
+        let vit = Vit::new(&cfg, &device);
+        let vals: Vec<f32> = (0..2 * 3 * 16).map(|i| i as f32).collect();
+        let x = Tensor::<4>::from_data(TensorData::new(vals.clone(), [2, 3, 4, 4]), &device);
+        let p: Vec<f32> = vit.patchify(x).to_data().try_to_vec().unwrap();
+        // Patch 1 (row 0, col 1) of image 1, channel 2, pixel (1, 0) -> input index
+        // img1: 48 + c2: 32 + y1: 4 + x (2+0) = 86
+        let patch = 1;
+        let off = (1 * 4 + patch) * 12 + 2 * 4 + 1 * 2;
+        assert_eq!(p[off], 86.0);
+        let logits = vit.forward(Tensor::<4>::from_data(TensorData::new(vals, [2, 3, 4, 4]), &device));
+        assert_eq!(logits.dims(), [2, 3]);
+        let f_p = vit.truncated(1, 5, &device);
+        assert_eq!(f_p.depth(), 1);
+    }
+}

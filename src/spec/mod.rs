@@ -1,0 +1,494 @@
+//! Experiment specs: YAML → typed spec, scales, grid filtering.
+//!
+//! A spec (`experiments/table3.yaml`, …) names a grid over dataset × attack × defence,
+//! shared defaults and the report layout. A scale (`experiments/scales.yaml`) sets every
+//! size: image size, model dimensions, subset sizes, epochs, batch sizes and optimiser
+//! settings. Both are parsed strictly: unknown keys, unknown names and out-of-range values
+//! are errors naming the file and the field.
+
+pub mod names;
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow, bail};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use names::{ATTACKS, DATASETS, DEFENCES, Availability};
+
+/// The spec run when none is given: the synthetic dataset, so it needs no data on disk.
+pub const DEFAULT_SPEC: &str = include_str!("../../experiments/default.yaml");
+pub const DEFAULT_SPEC_NAME: &str = "<embedded experiments/default.yaml>";
+/// The scales used when no `scales.yaml` sits beside the spec.
+pub const DEFAULT_SCALES: &str = include_str!("../../experiments/scales.yaml");
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub name: String,
+    pub title: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub defaults: Defaults,
+    pub grid: Grid,
+    pub report: ReportLayout,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Defaults {
+    pub seed: u64,
+    /// Fraction α of the non-target training images that are poisoned.
+    pub poison_rate: f64,
+    /// Attacker's target class.
+    pub target: usize,
+    pub model: String,
+    pub attacks: AttackDefaults,
+    pub ieu: IeuDefaults,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            poison_rate: 0.1,
+            target: 1,
+            model: "vit".into(),
+            attacks: AttackDefaults::default(),
+            ieu: IeuDefaults::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttackDefaults {
+    #[serde(rename = "badnets-white")]
+    pub badnets_white: crate::attacks::badnets::BadnetsWhite,
+    pub blended: crate::attacks::blended::BlendedSpec,
+}
+
+/// IEU settings (paper Table 11 defaults for CIFAR10/TinyImageNet).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IeuDefaults {
+    /// Confidence threshold of the gate (Eq. 1).
+    pub c_thresh: f64,
+    /// Number of checkpoint blocks in the poisoned module f_p.
+    pub fp_depth: usize,
+    /// Eq. 1 logit masking; `false` is Table 4's ablation (ŷ = ŷ_r).
+    pub logit_masking: bool,
+}
+
+impl Default for IeuDefaults {
+    fn default() -> Self {
+        Self { c_thresh: 0.95, fp_depth: 1, logit_masking: true }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    pub dataset: Vec<String>,
+    pub attack: Vec<String>,
+    pub defence: Vec<String>,
+}
+
+impl Grid {
+    pub fn axis(&self, name: &str) -> Option<&Vec<String>> {
+        match name {
+            "dataset" => Some(&self.dataset),
+            "attack" => Some(&self.attack),
+            "defence" => Some(&self.defence),
+            _ => None,
+        }
+    }
+    fn axis_mut(&mut self, name: &str) -> Option<&mut Vec<String>> {
+        match name {
+            "dataset" => Some(&mut self.dataset),
+            "attack" => Some(&mut self.attack),
+            "defence" => Some(&mut self.defence),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    Min,
+    Max,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportLayout {
+    /// Grid axes that form the table rows, outermost first.
+    pub rows: Vec<String>,
+    /// Grid axis that forms the column groups.
+    pub columns: String,
+    /// Metrics shown under each column group.
+    pub metrics: Vec<String>,
+    /// Add an average row per outermost row group.
+    #[serde(default)]
+    pub average: bool,
+    /// Metric -> which value is best (bolded in the row).
+    #[serde(default)]
+    pub best: BTreeMap<String, Better>,
+    /// Optional reference numbers printed beside the measured ones, e.g. the paper's.
+    #[serde(default)]
+    pub reference: Option<Reference>,
+}
+
+/// Reference values: `cells["cifar10/badnets-white/none"] = {asr: 97.51, ca: 98.36}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    pub source: String,
+    pub cells: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+/// Metric names a report may show.
+pub const METRICS: &[&str] =
+    &["asr", "ca", "fpr", "fnr", "poison_flagged", "clean_flagged", "unlearn_steps"];
+
+// ---------------------------------------------------------------------------------------
+// Scales
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    pub description: String,
+    /// Side of the square images every dataset is resized to.
+    pub image_size: usize,
+    pub data: DataSizes,
+    pub model: ModelDims,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    /// Training views for finetuning: `sit` = clean crop + corrupted crop (the paper's
+    /// SiT augmentation, effective batch 2×), `crop` = clean crop only.
+    pub views: Views,
+    pub pretrain: PretrainSchedule,
+    pub stage1: Stage1Schedule,
+    pub finetune: FinetuneSchedule,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Views {
+    Sit,
+    Crop,
+}
+
+/// Subset sizes (0 = everything available).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSizes {
+    /// Clean images for the pretraining step, disjoint from the finetuning set.
+    pub pretrain: usize,
+    /// Images of the (attacker-supplied) finetuning set D_tune.
+    pub tune: usize,
+    /// Test images for CA; the ASR set is built from its non-target images.
+    pub test: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDims {
+    pub patch_size: usize,
+    pub dim: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSchedule {
+    pub epochs: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: usize,
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage1Schedule {
+    pub epochs: usize,
+    pub lr: f64,
+    pub warmup_epochs: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSchedule {
+    pub epochs: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: usize,
+    pub wd_start: f64,
+    pub wd_end: f64,
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading
+
+/// Deserialises YAML strictly; errors name the file and the field path.
+pub fn parse_yaml<T: DeserializeOwned>(text: &str, file: &str) -> Result<T> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            anyhow!("{file}: {inner}")
+        } else {
+            anyhow!("{file}: field `{path}`: {inner}")
+        }
+    })
+}
+
+/// A loaded, validated spec together with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedSpec {
+    pub spec: Spec,
+    /// File name used in messages.
+    pub origin: String,
+    /// Directory relative paths in the spec are resolved against.
+    pub dir: PathBuf,
+}
+
+impl LoadedSpec {
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let (text, origin, dir) = match path {
+            None => (DEFAULT_SPEC.to_string(), DEFAULT_SPEC_NAME.to_string(), PathBuf::from(".")),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow!("cannot read spec {}: {e}", p.display()))?;
+                let dir = p.parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into());
+                (text, p.display().to_string(), dir)
+            }
+        };
+        Self::from_str(&text, &origin, dir)
+    }
+
+    pub fn from_str(text: &str, origin: &str, dir: PathBuf) -> Result<Self> {
+        let spec: Spec = parse_yaml(text, origin)?;
+        validate_spec(&spec, origin)?;
+        Ok(Self { spec, origin: origin.to_string(), dir })
+    }
+
+    /// The scales file beside the spec if there is one, else the embedded copy.
+    pub fn scale(&self, name: &str) -> Result<Scale> {
+        let beside = self.dir.join("scales.yaml");
+        let (text, origin) = if beside.is_file() {
+            let text = std::fs::read_to_string(&beside)
+                .map_err(|e| anyhow!("cannot read {}: {e}", beside.display()))?;
+            (text, beside.display().to_string())
+        } else {
+            (DEFAULT_SCALES.to_string(), "<embedded experiments/scales.yaml>".to_string())
+        };
+        load_scale(&text, &origin, name)
+    }
+
+    /// Restricts grid axes: each filter is `AXIS=V1,V2`.
+    pub fn apply_only(&mut self, filters: &[String]) -> Result<()> {
+        for f in filters {
+            let (axis, values) = f
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--only {f}: expected AXIS=V1,V2 (axes: dataset, attack, defence)"))?;
+            let axis = axis.trim();
+            let list = self.spec.grid.axis_mut(axis).ok_or_else(|| {
+                anyhow!("--only {f}: unknown axis '{axis}' (axes: dataset, attack, defence)")
+            })?;
+            let wanted: Vec<String> =
+                values.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect();
+            if wanted.is_empty() {
+                bail!("--only {f}: no values given");
+            }
+            for w in &wanted {
+                if !list.contains(w) {
+                    bail!(
+                        "--only {f}: '{w}' is not in grid.{axis} of {} (it has: {})",
+                        self.origin,
+                        list.join(", ")
+                    );
+                }
+            }
+            list.retain(|v| wanted.contains(v));
+        }
+        Ok(())
+    }
+}
+
+pub fn load_scale(text: &str, origin: &str, name: &str) -> Result<Scale> {
+    let all: BTreeMap<String, Scale> = parse_yaml(text, origin)?;
+    let scale = all.get(name).cloned().ok_or_else(|| {
+        anyhow!(
+            "unknown scale '{name}' (scales in {origin}: {})",
+            all.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    validate_scale(&scale, origin, name)?;
+    Ok(scale)
+}
+
+fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
+    let d = &spec.defaults;
+    if !(0.0..1.0).contains(&d.poison_rate) {
+        bail!("{file}: field `defaults.poison_rate`: {} is not in [0, 1)", d.poison_rate);
+    }
+    if !(d.ieu.c_thresh > 0.0 && d.ieu.c_thresh < 1.0) {
+        bail!("{file}: field `defaults.ieu.c_thresh`: {} is not in (0, 1)", d.ieu.c_thresh);
+    }
+    if d.ieu.fp_depth == 0 {
+        bail!("{file}: field `defaults.ieu.fp_depth`: must be at least 1");
+    }
+    if d.model != "vit" {
+        bail!("{file}: field `defaults.model`: unknown model '{}' (known: vit)", d.model);
+    }
+    let b = &d.attacks.blended;
+    if !(b.alpha > 0.0 && b.alpha <= 1.0) {
+        bail!("{file}: field `defaults.attacks.blended.alpha`: {} is not in (0, 1]", b.alpha);
+    }
+    if !(d.attacks.badnets_white.size_frac > 0.0 && d.attacks.badnets_white.size_frac <= 0.5) {
+        bail!(
+            "{file}: field `defaults.attacks.badnets-white.size_frac`: {} is not in (0, 0.5]",
+            d.attacks.badnets_white.size_frac
+        );
+    }
+    for (axis, known) in [("dataset", DATASETS), ("attack", ATTACKS), ("defence", DEFENCES)] {
+        let list = spec.grid.axis(axis).unwrap();
+        if list.is_empty() {
+            bail!("{file}: field `grid.{axis}`: empty list");
+        }
+        for (i, v) in list.iter().enumerate() {
+            if !known.iter().any(|(n, _)| n == v) {
+                bail!(
+                    "{file}: field `grid.{axis}[{i}]`: unknown {axis} '{v}' (known: {})",
+                    known.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                );
+            }
+            if list[..i].contains(v) {
+                bail!("{file}: field `grid.{axis}[{i}]`: '{v}' is listed twice");
+            }
+        }
+    }
+    let r = &spec.report;
+    for (i, row) in r.rows.iter().enumerate() {
+        if spec.grid.axis(row).is_none() {
+            bail!("{file}: field `report.rows[{i}]`: '{row}' is not a grid axis (dataset, attack, defence)");
+        }
+    }
+    if spec.grid.axis(&r.columns).is_none() || r.rows.contains(&r.columns) {
+        bail!("{file}: field `report.columns`: '{}' must be a grid axis not used in rows", r.columns);
+    }
+    if r.rows.len() + 1 != 3 {
+        bail!("{file}: field `report.rows`: rows and columns together must use all three grid axes");
+    }
+    for (i, m) in r.metrics.iter().enumerate() {
+        if !METRICS.contains(&m.as_str()) {
+            bail!("{file}: field `report.metrics[{i}]`: unknown metric '{m}' (known: {})", METRICS.join(", "));
+        }
+    }
+    for m in r.best.keys() {
+        if !METRICS.contains(&m.as_str()) {
+            bail!("{file}: field `report.best.{m}`: unknown metric '{m}'");
+        }
+    }
+    Ok(())
+}
+
+fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
+    let f = |field: &str, msg: String| anyhow!("{file}: field `{name}.{field}`: {msg}");
+    if s.image_size < 8 {
+        return Err(f("image_size", format!("{} is too small (at least 8)", s.image_size)));
+    }
+    if s.model.patch_size == 0 || s.image_size % s.model.patch_size != 0 {
+        return Err(f(
+            "model.patch_size",
+            format!("{} does not divide image_size {}", s.model.patch_size, s.image_size),
+        ));
+    }
+    if s.model.heads == 0 || s.model.dim % s.model.heads != 0 {
+        return Err(f("model.heads", format!("{} does not divide dim {}", s.model.heads, s.model.dim)));
+    }
+    if s.model.depth == 0 {
+        return Err(f("model.depth", "must be at least 1".into()));
+    }
+    if s.batch_size == 0 || s.eval_batch_size == 0 {
+        return Err(f("batch_size", "must be positive".into()));
+    }
+    for (field, v) in [("pretrain.lr", s.pretrain.lr), ("stage1.lr", s.stage1.lr), ("finetune.lr", s.finetune.lr)] {
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(f(field, format!("{v} must be a positive number")));
+        }
+    }
+    if s.data.tune == 0 && s.data.pretrain == 0 {
+        return Err(f("data", "set explicit pretrain and tune sizes".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name: t
+title: T
+grid: { dataset: [synthetic], attack: [badnets-white], defence: [none, ieu] }
+report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
+"#;
+
+    #[test]
+    fn parses_minimal_spec_with_defaults() {
+        let s = LoadedSpec::from_str(GOOD, "t.yaml", ".".into()).unwrap();
+        assert_eq!(s.spec.defaults.target, 1);
+        assert_eq!(s.spec.defaults.ieu.c_thresh, 0.95);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_field() {
+        let bad = GOOD.replace("name: t", "name: t\ndefaults: { poison_rat: 0.2 }");
+        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into()).unwrap_err().to_string();
+        assert!(e.contains("t.yaml") && e.contains("defaults") && e.contains("poison_rat"), "{e}");
+    }
+
+    #[test]
+    fn unknown_attack_names_index() {
+        let bad = GOOD.replace("[badnets-white]", "[badnets-white, badnetz]");
+        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into()).unwrap_err().to_string();
+        assert!(e.contains("grid.attack[1]") && e.contains("badnetz"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_rejected() {
+        let bad = GOOD.replace("name: t", "name: t\ndefaults: { poison_rate: 1.5 }");
+        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into()).unwrap_err().to_string();
+        assert!(e.contains("defaults.poison_rate") && e.contains("1.5"), "{e}");
+    }
+
+    #[test]
+    fn only_filters_and_rejects_unknown_values() {
+        let mut s = LoadedSpec::from_str(GOOD, "t.yaml", ".".into()).unwrap();
+        s.apply_only(&["defence=ieu".into()]).unwrap();
+        assert_eq!(s.spec.grid.defence, vec!["ieu"]);
+        let e = s.apply_only(&["attack=blended".into()]).unwrap_err().to_string();
+        assert!(e.contains("'blended' is not in grid.attack"), "{e}");
+        let e = s.apply_only(&["colour=red".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown axis 'colour'"), "{e}");
+    }
+
+    #[test]
+    fn embedded_scales_parse() {
+        for name in ["smoke", "cpu", "paper"] {
+            load_scale(DEFAULT_SCALES, "scales.yaml", name).unwrap();
+        }
+        let e = load_scale(DEFAULT_SCALES, "scales.yaml", "huge").unwrap_err().to_string();
+        assert!(e.contains("unknown scale 'huge'"), "{e}");
+    }
+}

@@ -1,0 +1,148 @@
+//! Resolving a spec at a scale into a DAG of steps.
+//!
+//! dataset ─┬─ poison ─┬──────────────── finetune(none) ── evaluate
+//!          │          └─ stage1 (f_p) ─ finetune(ieu)  ── evaluate
+//!          └─ pretrain ──────────────────┘ (f_r and f_p start from it)
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use super::names::{ATTACKS, Availability, DATASETS, DEFENCES, availability};
+use super::{LoadedSpec, Scale};
+use crate::attacks::{AttackParams, PoisonParams};
+use crate::dag::{Cell, Kind, Plan, Step};
+use crate::data::DatasetParams;
+use crate::defences::{DefenceParams, FinetuneParams, ieu::Stage1Params};
+use crate::metrics::EvalParams;
+use crate::train::PretrainParams;
+
+fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+}
+
+fn check_available(table: &[(&str, Availability)], axis: &str, name: &str) -> Result<()> {
+    if availability(table, name) != Some(Availability::Implemented) {
+        bail!("not implemented yet: {axis} {name} (leave it out with --only {axis}=...)");
+    }
+    Ok(())
+}
+
+/// Builds the plan for every cell of the (possibly filtered) grid.
+pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
+    let s = &spec.spec;
+    let d = &s.defaults;
+    let g = &s.grid;
+    for v in &g.dataset {
+        check_available(DATASETS, "dataset", v)?;
+    }
+    for v in &g.attack {
+        check_available(ATTACKS, "attack", v)?;
+    }
+    for v in &g.defence {
+        check_available(DEFENCES, "defence", v)?;
+    }
+    let mut plan = Plan::default();
+    for dataset in &g.dataset {
+        let located = crate::data::locate(dataset, data_dir)?;
+        let dp = DatasetParams {
+            name: dataset.clone(),
+            image_size: scale.image_size,
+            pretrain: scale.data.pretrain,
+            tune: scale.data.tune,
+            test: scale.data.test,
+            seed: d.seed,
+            source_digest: located.as_ref().map(|(_, digest)| digest.clone()),
+        };
+        let mut step = Step::new(Kind::Dataset, format!("dataset {dataset}"), &dp, BTreeMap::new())?;
+        if let Some(root) = data_dir {
+            step = step.with_locator("data_dir", root.to_path_buf());
+        }
+        let data_key = plan.add(step);
+
+        let pp = PretrainParams::from_scale(scale, d.seed);
+        let pretrain_key = plan.add(Step::new(
+            Kind::Pretrain,
+            format!("pretrain {dataset}"),
+            &pp,
+            inputs(&[("dataset", &data_key)]),
+        )?);
+
+        for attack in &g.attack {
+            let mut trigger_path = None;
+            let attack_params = match attack.as_str() {
+                "badnets-white" => AttackParams::BadnetsWhite(d.attacks.badnets_white.clone()),
+                "blended" => {
+                    let b = &d.attacks.blended;
+                    let digest = match &b.trigger_file {
+                        Some(f) => {
+                            let path = spec.dir.join(f);
+                            if !path.is_file() {
+                                bail!(
+                                    "{}: field `defaults.attacks.blended.trigger_file`: {} does not exist",
+                                    spec.origin,
+                                    path.display()
+                                );
+                            }
+                            let digest = crate::store::digest_file(&path)?.blake3;
+                            trigger_path = Some(path);
+                            Some(digest)
+                        }
+                        None => None,
+                    };
+                    AttackParams::Blended { alpha: b.alpha, trigger_digest: digest }
+                }
+                other => bail!("not implemented yet: attack {other}"),
+            };
+            let pp = PoisonParams { attack: attack_params, poison_rate: d.poison_rate, target: d.target, seed: d.seed };
+            let mut step =
+                Step::new(Kind::Poison, format!("poison {dataset}/{attack}"), &pp, inputs(&[("dataset", &data_key)]))?;
+            if let Some(p) = trigger_path {
+                step = step.with_locator("trigger_file", p);
+            }
+            let poison_key = plan.add(step);
+
+            for defence in &g.defence {
+                let (defence_params, fp_key) = match defence.as_str() {
+                    "none" => (DefenceParams::None, None),
+                    "ieu" => {
+                        let sp = Stage1Params::from_scale(scale, d.ieu.fp_depth, d.seed);
+                        let fp_key = plan.add(Step::new(
+                            Kind::Stage1,
+                            format!("stage1 f_p {dataset}/{attack}"),
+                            &sp,
+                            inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
+                        )?);
+                        (
+                            DefenceParams::Ieu { c_thresh: d.ieu.c_thresh, logit_masking: d.ieu.logit_masking },
+                            Some(fp_key),
+                        )
+                    }
+                    other => bail!("not implemented yet: defence {other}"),
+                };
+                let fp = FinetuneParams::from_scale(scale, defence_params, d.seed);
+                let mut ins = inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]);
+                if let Some(k) = &fp_key {
+                    ins.insert("stage1".into(), k.clone());
+                }
+                let ft_key =
+                    plan.add(Step::new(Kind::Finetune, format!("finetune {dataset}/{attack}/{defence}"), &fp, ins)?);
+                let ep = EvalParams { batch_size: scale.eval_batch_size };
+                let eval_key = plan.add(Step::new(
+                    Kind::Evaluate,
+                    format!("evaluate {dataset}/{attack}/{defence}"),
+                    &ep,
+                    inputs(&[("finetune", &ft_key), ("poison", &poison_key), ("dataset", &data_key)]),
+                )?);
+                plan.cells.push(Cell {
+                    dataset: dataset.clone(),
+                    attack: attack.clone(),
+                    defence: defence.clone(),
+                    evaluate: eval_key,
+                });
+            }
+        }
+    }
+    Ok(plan)
+}

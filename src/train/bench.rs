@@ -1,0 +1,98 @@
+//! Training-step throughput of a scale's ViT, for `ieu-bench bench` and `cargo bench`.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+
+use crate::data::{DatasetMeta, synthetic};
+use crate::models::{Vit, VitConfig};
+use crate::spec::Scale;
+use crate::train::{View, adamw, cross_entropy, labels, rng_for, views};
+
+pub struct BenchResult {
+    pub backend: &'static str,
+    pub image_size: usize,
+    pub batch: usize,
+    pub rows_per_step: usize,
+    pub steps: usize,
+    pub seconds: f64,
+    pub params: usize,
+}
+
+impl std::fmt::Display for BenchResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ips = (self.rows_per_step * self.steps) as f64 / self.seconds;
+        write!(
+            f,
+            "train-step throughput: {ips:.1} images/s ({} steps of {} rows, {}x{} px, {} params, backend {}; {:.3}s/step)",
+            self.steps,
+            self.rows_per_step,
+            self.image_size,
+            self.image_size,
+            self.params,
+            self.backend,
+            self.seconds / self.steps as f64
+        )
+    }
+}
+
+/// Times forward + backward + AdamW step of the scale's f_r on its finetuning views
+/// (one row per image and view), after two warm-up steps.
+pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
+    let device = crate::default_device();
+    let ad = device.clone().autodiff();
+    device.seed(0);
+    let raw = synthetic::generate(0, scale.batch_size, 0, scale.image_size);
+    let meta = DatasetMeta {
+        name: "synthetic".into(),
+        classes: raw.classes.clone(),
+        image_size: scale.image_size,
+        mean: raw.mean,
+        std: raw.std,
+        pretrain: 0,
+        tune: raw.train.len(),
+        test: 0,
+    };
+    let cfg = VitConfig {
+        image_size: scale.image_size,
+        patch_size: scale.model.patch_size,
+        dim: scale.model.dim,
+        depth: scale.model.depth,
+        heads: scale.model.heads,
+        mlp_ratio: scale.model.mlp_ratio,
+        num_classes: 10,
+    };
+    let mut model = Vit::new(&cfg, &ad);
+    let params = model.num_params();
+    let mut optim = adamw();
+    let idx: Vec<usize> = (0..raw.train.len()).collect();
+    let wanted: &[View] = match scale.views {
+        crate::spec::Views::Sit => &[View::Crop, View::Corrupt],
+        crate::spec::Views::Crop => &[View::Crop],
+    };
+    let mut seconds = 0.0;
+    for s in 0..steps + 2 {
+        let t0 = Instant::now();
+        let xs = views(&raw.train, &idx, wanted, &meta, &mut rng_for(0, 0, s, 1), &ad);
+        let y = labels(&raw.train, &idx, &ad);
+        let ys = Tensor::cat(vec![y; xs.len()], 0);
+        let loss = cross_entropy(model.forward(Tensor::cat(xs, 0)), ys);
+        let _ = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-4, model, grads);
+        if s >= 2 {
+            seconds += t0.elapsed().as_secs_f64();
+        }
+    }
+    Ok(BenchResult {
+        backend: crate::backend_name(),
+        image_size: scale.image_size,
+        batch: scale.batch_size,
+        rows_per_step: scale.batch_size * wanted.len(),
+        steps,
+        seconds,
+        params,
+    })
+}

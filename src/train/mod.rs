@@ -1,0 +1,353 @@
+//! Training machinery shared by every step: batches and views, the loss, learning-rate
+//! and weight-decay schedules, decoupled weight decay, the supervised loop, prediction,
+//! and the `pretrain` step.
+
+pub mod bench;
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::activation::{log_softmax, softmax};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{DatasetMeta, ImageSet, augment};
+use crate::models::{Vit, VitConfig};
+use crate::progress::Progress;
+use crate::spec::{ModelDims, Scale};
+
+pub const PRETRAIN_VERSION: u32 = 1;
+
+/// Per-parameter gradient clipping (reference implementation: clip_grad 3.0).
+pub const CLIP_GRAD: f32 = 3.0;
+
+/// How training images are presented to a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum View {
+    /// The image as it is (normalised only).
+    NoAug,
+    /// The clean crop: random resized crop, flip, colour jitter, grayscale.
+    Crop,
+    /// The corrupted crop: the clean crop plus GMML patch corruption.
+    Corrupt,
+}
+
+/// A seeded RNG for (seed, epoch, iteration, purpose).
+pub fn rng_for(seed: u64, epoch: usize, iter: usize, purpose: u64) -> ChaCha8Rng {
+    let s = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((epoch as u64) << 40)
+        .wrapping_add((iter as u64) << 8)
+        .wrapping_add(purpose);
+    ChaCha8Rng::seed_from_u64(s)
+}
+
+/// Builds the views of a batch: one [B,3,H,W] tensor per requested view. A `Corrupt` view
+/// corrupts the same clean crop as the `Crop` view of the same image when both are asked for.
+pub fn views(
+    set: &ImageSet,
+    idx: &[usize],
+    wanted: &[View],
+    meta: &DatasetMeta,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Vec<Tensor<4>> {
+    let size = set.size;
+    let per = 3 * size * size;
+    let mut bufs: Vec<Vec<f32>> = wanted.iter().map(|_| vec![0f32; idx.len() * per]).collect();
+    let mut crop = vec![0f32; per];
+    for (b, &i) in idx.iter().enumerate() {
+        let img = set.image(i);
+        let need_crop = wanted.iter().any(|v| *v != View::NoAug);
+        if need_crop {
+            augment::clean_crop(img, size, &meta.mean, &meta.std, rng, &mut crop);
+        }
+        for (w, v) in wanted.iter().enumerate() {
+            let dst = &mut bufs[w][b * per..(b + 1) * per];
+            match v {
+                View::NoAug => augment::normalise(img, &meta.mean, &meta.std, dst),
+                View::Crop => dst.copy_from_slice(&crop),
+                View::Corrupt => {
+                    dst.copy_from_slice(&crop);
+                    augment::corrupt(dst, size, 0.3, rng);
+                }
+            }
+        }
+    }
+    bufs.into_iter()
+        .map(|buf| Tensor::<4>::from_data(TensorData::new(buf, [idx.len(), 3, size, size]), device))
+        .collect()
+}
+
+pub fn labels(set: &ImageSet, idx: &[usize], device: &Device) -> Tensor<1, Int> {
+    let v: Vec<i64> = idx.iter().map(|&i| set.labels[i] as i64).collect();
+    Tensor::<1, Int>::from_data(TensorData::new(v, [idx.len()]), device)
+}
+
+/// Per-sample cross-entropy ℓ(ŷ, y) = −log σ(ŷ)_y, shape [B].
+pub fn cross_entropy_per_sample(logits: Tensor<2>, y: Tensor<1, Int>) -> Tensor<1> {
+    let b = logits.dims()[0];
+    log_softmax(logits, 1).gather(1, y.reshape([b, 1])).reshape([b]).neg()
+}
+
+/// Mean cross-entropy over the batch, shape [1].
+pub fn cross_entropy(logits: Tensor<2>, y: Tensor<1, Int>) -> Tensor<1> {
+    cross_entropy_per_sample(logits, y).mean()
+}
+
+/// The reference `cosine_scheduler`: a linear warm-up from `start` to `base` over
+/// `warmup_epochs`, then a cosine from `base` to `final_value`; one value per iteration.
+pub fn cosine_schedule(base: f64, final_value: f64, epochs: usize, iters: usize, warmup_epochs: usize, start: f64) -> Vec<f64> {
+    let total = epochs * iters;
+    let warm = (warmup_epochs * iters).min(total);
+    let mut out = Vec::with_capacity(total);
+    for i in 0..warm {
+        // np.linspace(start, base, warm): both end points included.
+        let t = if warm > 1 { i as f64 / (warm - 1) as f64 } else { 1.0 };
+        out.push(start + (base - start) * t);
+    }
+    let rest = total - warm;
+    for i in 0..rest {
+        out.push(final_value + 0.5 * (base - final_value) * (1.0 + (std::f64::consts::PI * i as f64 / rest as f64).cos()));
+    }
+    out
+}
+
+/// Decoupled weight decay θ ← θ·(1 − lr·wd) on matrices and embeddings (parameters with
+/// two or more dimensions); biases and norm weights are not decayed.
+pub struct Decay {
+    pub factor: f64,
+}
+
+impl ModuleMapper for Decay {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if D < 2 {
+            return param;
+        }
+        let f = self.factor;
+        param.map(|t| {
+            let grad = t.is_require_grad();
+            t.detach().mul_scalar(f).set_require_grad(grad)
+        })
+    }
+}
+
+pub fn adamw() -> burn::optim::ModuleOptimizer {
+    AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.0)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(CLIP_GRAD)))
+        .init()
+}
+
+/// Shuffled mini-batches of 0..n for one epoch (the last partial batch is dropped unless it
+/// is the only one, as the reference DataLoader's drop_last).
+pub fn epoch_batches(n: usize, batch: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut rng_for(seed, epoch, 0, 0x5EED));
+    let mut out: Vec<Vec<usize>> = idx.chunks(batch).map(|c| c.to_vec()).collect();
+    if out.len() > 1 && out.last().map(|b| b.len() < batch).unwrap_or(false) {
+        out.pop();
+    }
+    out
+}
+
+pub fn iters_per_epoch(n: usize, batch: usize) -> usize {
+    if n >= batch { n / batch } else { 1 }
+}
+
+/// A plain supervised run: which views to learn from, the per-iteration learning rate and
+/// weight decay.
+pub struct Supervised<'a> {
+    pub label: &'a str,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub views: &'a [View],
+    pub lr: Vec<f64>,
+    pub wd: Vec<f64>,
+    pub seed: u64,
+}
+
+/// Mean training loss per epoch.
+pub type LossLog = Vec<f64>;
+
+pub fn train_supervised(mut model: Vit, set: &ImageSet, meta: &DatasetMeta, cfg: &Supervised, device: &Device) -> Result<(Vit, LossLog)> {
+    let mut optim = adamw();
+    let iters = iters_per_epoch(set.len(), cfg.batch_size);
+    let progress = Progress::new(cfg.label, (cfg.epochs * iters) as u64);
+    let mut log = Vec::new();
+    let mut it = 0usize;
+    for epoch in 0..cfg.epochs {
+        let mut sum = 0.0;
+        let mut count = 0usize;
+        for (bi, batch) in epoch_batches(set.len(), cfg.batch_size, cfg.seed, epoch).iter().enumerate() {
+            let mut rng = rng_for(cfg.seed, epoch, bi, 0xA06);
+            let xs = views(set, batch, cfg.views, meta, &mut rng, device);
+            let y = labels(set, batch, device);
+            let ys = Tensor::cat(vec![y; xs.len()], 0);
+            let x = Tensor::cat(xs, 0);
+            let loss = cross_entropy(model.forward(x), ys);
+            let value: f32 = loss.clone().into_scalar::<f32>();
+            if !value.is_finite() {
+                bail!("{}: non-finite training loss {value} at epoch {epoch}, batch {bi}", cfg.label);
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let lr = cfg.lr[it];
+            model = optim.step(lr, model, grads);
+            if cfg.wd[it] > 0.0 {
+                model = model.map(&mut Decay { factor: 1.0 - lr * cfg.wd[it] });
+            }
+            sum += value as f64;
+            count += 1;
+            it += 1;
+            progress.inc(format!("epoch {}/{} loss {:.3}", epoch + 1, cfg.epochs, sum / count as f64));
+        }
+        log.push(sum / count.max(1) as f64);
+        tracing::debug!(step = cfg.label, epoch, loss = log[epoch], "epoch done");
+    }
+    progress.finish();
+    Ok((model, log))
+}
+
+/// Argmax class and max softmax probability of every image (unaugmented), in order.
+pub fn predict(model: &Vit, set: &ImageSet, meta: &DatasetMeta, batch: usize, device: &Device) -> Vec<(usize, f32)> {
+    let model = model.valid();
+    let mut out = Vec::with_capacity(set.len());
+    let idx: Vec<usize> = (0..set.len()).collect();
+    let mut rng = rng_for(0, 0, 0, 0);
+    for chunk in idx.chunks(batch) {
+        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device).pop().unwrap();
+        let p = softmax(model.forward(x), 1);
+        let (mx, am) = p.max_dim_with_indices(1);
+        let mx: Vec<f32> = mx.to_data().convert::<f32>().try_to_vec().unwrap();
+        let am: Vec<i64> = am.to_data().convert::<i64>().try_to_vec().unwrap();
+        out.extend(am.into_iter().zip(mx).map(|(a, m)| (a as usize, m)));
+    }
+    out
+}
+
+/// Fraction (in %) of images predicted as their label.
+pub fn accuracy(pred: &[(usize, f32)], set: &ImageSet) -> f64 {
+    if pred.is_empty() {
+        return 0.0;
+    }
+    let ok = pred.iter().zip(&set.labels).filter(|((p, _), l)| *p == **l as usize).count();
+    100.0 * ok as f64 / pred.len() as f64
+}
+
+// ---------------------------------------------------------------------------------------
+// The pretrain step
+
+/// The clean starting checkpoint: a ViT trained from scratch on the pretrain split, which
+/// is disjoint from the finetuning set (no pretrained ViT exists offline).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PretrainParams {
+    pub model: ModelDims,
+    pub image_size: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: usize,
+    pub weight_decay: f64,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl PretrainParams {
+    pub fn from_scale(s: &Scale, seed: u64) -> Self {
+        Self {
+            model: s.model.clone(),
+            image_size: s.image_size,
+            epochs: s.pretrain.epochs,
+            lr: s.pretrain.lr,
+            min_lr: s.pretrain.min_lr,
+            warmup_epochs: s.pretrain.warmup_epochs,
+            weight_decay: s.pretrain.weight_decay,
+            batch_size: s.batch_size,
+            seed,
+        }
+    }
+
+    pub fn vit_config(&self, num_classes: usize) -> VitConfig {
+        VitConfig {
+            image_size: self.image_size,
+            patch_size: self.model.patch_size,
+            dim: self.model.dim,
+            depth: self.model.depth,
+            heads: self.model.heads,
+            mlp_ratio: self.model.mlp_ratio,
+            num_classes,
+        }
+    }
+}
+
+/// Writes `model.safetensors`, `config.json` and `train_log.json` (loss per epoch and
+/// accuracy on the clean test split).
+pub fn run_pretrain_step(p: &PretrainParams, dataset_dir: &Path, out: &Path, device: &Device) -> Result<f64> {
+    let meta = crate::data::load_meta(dataset_dir)?;
+    let set = ImageSet::load(&dataset_dir.join("pretrain.safetensors"))?;
+    if set.is_empty() {
+        bail!("the pretrain split is empty: set data.pretrain in the scale");
+    }
+    let cfg = p.vit_config(meta.num_classes());
+    device.seed(p.seed);
+    let ad = device.clone().autodiff();
+    let model = Vit::new(&cfg, &ad);
+    let iters = iters_per_epoch(set.len(), p.batch_size);
+    let lr = cosine_schedule(p.lr, p.min_lr, p.epochs, iters, p.warmup_epochs, 0.0);
+    let wd = vec![p.weight_decay; lr.len()];
+    let sup = Supervised { label: "pretrain", epochs: p.epochs, batch_size: p.batch_size, views: &[View::Crop], lr, wd, seed: p.seed };
+    let (model, log) = train_supervised(model, &set, &meta, &sup, &ad)?;
+    let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
+    let acc = accuracy(&predict(&model, &test, &meta, 256, device), &test);
+    crate::models::save_vit(&model.valid(), &cfg, out)?;
+    let info = serde_json::json!({ "loss_per_epoch": log, "clean_test_accuracy": acc });
+    crate::store::write_synced(&out.join("train_log.json"), serde_json::to_string_pretty(&info)?.as_bytes())?;
+    Ok(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_matches_reference_shape() {
+        let s = cosine_schedule(1.0, 0.0, 3, 4, 1, 0.0);
+        assert_eq!(s.len(), 12);
+        // Warm-up: linspace(0, 1, 4) includes both end points.
+        assert_eq!(&s[..4], &[0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0]);
+        // Cosine part starts at base and decreases towards the final value.
+        assert!((s[4] - 1.0).abs() < 1e-12);
+        assert!(s[5..].windows(2).all(|w| w[1] < w[0]));
+        assert!(s[11] > 0.0 && s[11] < 0.05);
+        let flat = cosine_schedule(2.0, 2.0, 2, 3, 0, 0.0);
+        assert!(flat.iter().all(|&v| (v - 2.0).abs() < 1e-12));
+    }
+
+    #[test]
+    fn cross_entropy_on_hand_computed_values() {
+        let device = Device::flex();
+        let logits = Tensor::<2>::from_data(TensorData::new(vec![0.0f32, 0.0, (3.0f32).ln(), 0.0], [2, 2]), &device);
+        let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 0], [2]), &device);
+        let ce: Vec<f32> = cross_entropy_per_sample(logits, y).to_data().try_to_vec().unwrap();
+        // Row 0: -ln(1/2); row 1: -ln(3/4).
+        assert!((ce[0] - 2f32.ln()).abs() < 1e-6);
+        assert!((ce[1] - (4.0f32 / 3.0).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn epoch_batches_drop_last_and_cover() {
+        let b = epoch_batches(10, 4, 0, 0);
+        assert_eq!(b.len(), 2);
+        assert!(b.iter().all(|c| c.len() == 4));
+        assert_eq!(epoch_batches(3, 4, 0, 0)[0].len(), 3);
+        assert_ne!(epoch_batches(100, 10, 0, 0), epoch_batches(100, 10, 0, 1));
+    }
+}
