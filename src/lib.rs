@@ -47,3 +47,14 @@ pub fn backend_name() -> &'static str {
         "flex-cpu"
     }
 }
+
+/// Steps run at once by default: one per CPU core on the CPU backend, one on a GPU.
+pub fn default_jobs() -> usize {
+    if cfg!(any(feature = "cuda", feature = "wgpu")) {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+}

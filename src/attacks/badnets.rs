@@ -14,7 +14,9 @@ pub struct BadnetsWhite {
 
 impl Default for BadnetsWhite {
     fn default() -> Self {
-        Self { size_frac: 3.0 / 32.0 }
+        Self {
+            size_frac: 3.0 / 32.0,
+        }
     }
 }
 

@@ -23,7 +23,10 @@ pub struct BlendedSpec {
 
 impl Default for BlendedSpec {
     fn default() -> Self {
-        Self { alpha: 0.4, trigger_file: None }
+        Self {
+            alpha: 0.4,
+            trigger_file: None,
+        }
     }
 }
 
@@ -32,9 +35,16 @@ pub fn pattern(size: usize, seed: u64, file: Option<&Path>) -> Result<Vec<u8>> {
     match file {
         Some(path) => {
             let img = image::open(path)
-                .with_context(|| format!("blended trigger_file {}: cannot read image", path.display()))?
+                .with_context(|| {
+                    format!("blended trigger_file {}: cannot read image", path.display())
+                })?
                 .to_rgb8();
-            let img = image::imageops::resize(&img, size as u32, size as u32, image::imageops::FilterType::Triangle);
+            let img = image::imageops::resize(
+                &img,
+                size as u32,
+                size as u32,
+                image::imageops::FilterType::Triangle,
+            );
             Ok(crate::data::rgb_to_chw(&img))
         }
         None => {

@@ -60,12 +60,22 @@ impl Trigger {
     pub fn build(p: &PoisonParams, size: usize, trigger_file: Option<&Path>) -> Result<Self> {
         Ok(match &p.attack {
             AttackParams::BadnetsWhite(b) => Trigger::BadnetsWhite(b.clone()),
-            AttackParams::Blended { alpha, trigger_digest } => {
-                let file = if trigger_digest.is_some() { trigger_file } else { None };
+            AttackParams::Blended {
+                alpha,
+                trigger_digest,
+            } => {
+                let file = if trigger_digest.is_some() {
+                    trigger_file
+                } else {
+                    None
+                };
                 if trigger_digest.is_some() && file.is_none() {
                     bail!("blended: the trigger file of this step is not available");
                 }
-                Trigger::Blended { pattern: blended::pattern(size, p.seed, file)?, alpha: *alpha }
+                Trigger::Blended {
+                    pattern: blended::pattern(size, p.seed, file)?,
+                    alpha: *alpha,
+                }
             }
         })
     }
@@ -81,7 +91,9 @@ impl Trigger {
 
 /// Chooses round(α · #non-target) non-target images of `set`, seeded; sorted indices.
 pub fn choose_poison_indices(set: &ImageSet, rate: f64, target: usize, seed: u64) -> Vec<usize> {
-    let mut candidates: Vec<usize> = (0..set.len()).filter(|&i| set.labels[i] as usize != target).collect();
+    let mut candidates: Vec<usize> = (0..set.len())
+        .filter(|&i| set.labels[i] as usize != target)
+        .collect();
     let n = (rate * candidates.len() as f64).round() as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9015_0000);
     candidates.shuffle(&mut rng);
@@ -114,14 +126,28 @@ pub fn poison(p: &PoisonParams, tune: &ImageSet, test: &ImageSet, trigger: &Trig
         trigger.apply(&mut buf, size);
         ptest.push(&buf, p.target as u16);
     }
-    Poisoned { tune: ptune, indices, test: ptest }
+    Poisoned {
+        tune: ptune,
+        indices,
+        test: ptest,
+    }
 }
 
 /// Runs the `poison` step on the outputs of a dataset step.
-pub fn run_poison_step(p: &PoisonParams, dataset_dir: &Path, trigger_file: Option<&PathBuf>, out: &Path) -> Result<usize> {
+pub fn run_poison_step(
+    p: &PoisonParams,
+    dataset_dir: &Path,
+    trigger_file: Option<&PathBuf>,
+    out: &Path,
+) -> Result<usize> {
     let meta = crate::data::load_meta(dataset_dir)?;
     if p.target >= meta.num_classes() {
-        bail!("target class {} does not exist: dataset {} has {} classes", p.target, meta.name, meta.num_classes());
+        bail!(
+            "target class {} does not exist: dataset {} has {} classes",
+            p.target,
+            meta.name,
+            meta.num_classes()
+        );
     }
     let tune = ImageSet::load(&dataset_dir.join("tune.safetensors"))?;
     let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
@@ -129,7 +155,10 @@ pub fn run_poison_step(p: &PoisonParams, dataset_dir: &Path, trigger_file: Optio
     let res = poison(p, &tune, &test, &trigger);
     res.tune.save(&out.join("tune.safetensors"))?;
     res.test.save(&out.join("test.safetensors"))?;
-    crate::store::write_synced(&out.join("poison_indices.json"), serde_json::to_string(&res.indices)?.as_bytes())?;
+    crate::store::write_synced(
+        &out.join("poison_indices.json"),
+        serde_json::to_string(&res.indices)?.as_bytes(),
+    )?;
     Ok(res.indices.len())
 }
 
@@ -148,7 +177,12 @@ mod tests {
     }
 
     fn params(attack: AttackParams) -> PoisonParams {
-        PoisonParams { attack, poison_rate: 0.1, target: 1, seed: 5 }
+        PoisonParams {
+            attack,
+            poison_rate: 0.1,
+            target: 1,
+            seed: 5,
+        }
     }
 
     #[test]
@@ -156,13 +190,20 @@ mod tests {
         let (tune, test) = set();
         for attack in [
             AttackParams::BadnetsWhite(Default::default()),
-            AttackParams::Blended { alpha: 0.4, trigger_digest: None },
+            AttackParams::Blended {
+                alpha: 0.4,
+                trigger_digest: None,
+            },
         ] {
             let p = params(attack.clone());
             let trig = Trigger::build(&p, 16, None).unwrap();
             let r = poison(&p, &tune, &test, &trig);
             let non_target = tune.labels.iter().filter(|&&l| l != 1).count();
-            assert_eq!(r.indices.len(), (0.1 * non_target as f64).round() as usize, "{attack:?}");
+            assert_eq!(
+                r.indices.len(),
+                (0.1 * non_target as f64).round() as usize,
+                "{attack:?}"
+            );
             for i in 0..tune.len() {
                 if r.indices.binary_search(&i).is_ok() {
                     assert_ne!(tune.labels[i], 1, "poisoned image must be non-target");
@@ -179,7 +220,10 @@ mod tests {
             // Determinism from the seed.
             let again = poison(&p, &tune, &test, &Trigger::build(&p, 16, None).unwrap());
             assert_eq!(again.tune, r.tune);
-            let other = PoisonParams { seed: 6, ..p.clone() };
+            let other = PoisonParams {
+                seed: 6,
+                ..p.clone()
+            };
             assert_ne!(choose_poison_indices(&tune, 0.1, 1, 6), r.indices);
             let _ = other;
         }
@@ -189,8 +233,13 @@ mod tests {
     fn blended_trigger_file_is_honoured() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("key.png");
-        image::RgbImage::from_pixel(5, 7, image::Rgb([200, 10, 30])).save(&path).unwrap();
-        let p = params(AttackParams::Blended { alpha: 1.0, trigger_digest: Some("x".into()) });
+        image::RgbImage::from_pixel(5, 7, image::Rgb([200, 10, 30]))
+            .save(&path)
+            .unwrap();
+        let p = params(AttackParams::Blended {
+            alpha: 1.0,
+            trigger_digest: Some("x".into()),
+        });
         let trig = Trigger::build(&p, 16, Some(&path)).unwrap();
         let mut img = vec![0u8; 3 * 256];
         trig.apply(&mut img, 16);

@@ -11,7 +11,11 @@ use crate::spec::LoadedSpec;
 use crate::store::Store;
 
 #[derive(Parser, Debug)]
-#[command(name = "ieu-bench", version, about = "Reproducible benchmark of the IEU backdoor defence for vision transformers")]
+#[command(
+    name = "ieu-bench",
+    version,
+    about = "Reproducible benchmark of the IEU backdoor defence for vision transformers"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -33,6 +37,10 @@ pub struct Common {
     /// Restrict a grid axis, e.g. --only attack=badnets-white,blended (repeatable).
     #[arg(long = "only", value_name = "AXIS=V1,V2")]
     pub only: Vec<String>,
+    /// Steps computed at once (default: the number of CPU cores; 1 on a GPU). Results do not
+    /// depend on it.
+    #[arg(long, env = "IEU_JOBS")]
+    pub jobs: Option<usize>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -98,15 +106,34 @@ pub fn main(cli: Cli) -> Result<()> {
             let cached = plan.steps.iter().filter(|s| store.contains(&s.key)).count();
             let total = plan.steps.len();
             if dry_run {
-                println!("spec {} at scale {}: {} grid cells", spec.origin, common.scale, plan.cells.len());
+                println!(
+                    "spec {} at scale {}: {} grid cells",
+                    spec.origin,
+                    common.scale,
+                    plan.cells.len()
+                );
                 for s in &plan.steps {
-                    let state = if store.contains(&s.key) { "cached" } else { "to run" };
-                    println!("  {:<8} {}  {:<9} {}", state, s.short(), s.kind.name(), s.label);
+                    let state = if store.contains(&s.key) {
+                        "cached"
+                    } else {
+                        "to run"
+                    };
+                    println!(
+                        "  {:<8} {}  {:<9} {}",
+                        state,
+                        s.short(),
+                        s.kind.name(),
+                        s.label
+                    );
                 }
-                println!("plan: {total} steps, {cached} cached, {} to run", total - cached);
+                println!(
+                    "plan: {total} steps, {cached} cached, {} to run",
+                    total - cached
+                );
                 return Ok(());
             }
-            let exec = Executor::new(store.clone(), common.data_dir.clone());
+            let jobs = common.jobs.unwrap_or_else(crate::default_jobs);
+            let exec = Executor::new(store.clone(), common.data_dir.clone(), jobs);
             let summary = exec.run(&plan)?;
             let mut df = crate::report::collect(&plan, &store)?;
             println!("{}", crate::report::to_csv(&mut df)?.trim_end());
@@ -118,7 +145,11 @@ pub fn main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Report { common, format, out } => {
+        Command::Report {
+            common,
+            format,
+            out,
+        } => {
             let (spec, _scale, plan, store) = load(&common)?;
             let mut df = crate::report::collect(&plan, &store)?;
             let text = match format {
@@ -126,14 +157,22 @@ pub fn main(cli: Cli) -> Result<()> {
                 Format::Markdown => crate::report::to_markdown(&df, &spec, &common.scale)?,
             };
             match out {
-                Some(p) => std::fs::write(&p, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
+                Some(p) => std::fs::write(&p, text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
                 None => print!("{text}"),
             }
             Ok(())
         }
-        Command::Show { hash, store, verify } => {
+        Command::Show {
+            hash,
+            store,
+            verify,
+        } => {
             if !store.join("objects").is_dir() {
-                bail!("no store at {} (pass --store or set IEU_STORE)", store.display());
+                bail!(
+                    "no store at {} (pass --store or set IEU_STORE)",
+                    store.display()
+                );
             }
             let store = Store::open(&store)?;
             let key = store.resolve(&hash)?;
@@ -146,7 +185,11 @@ pub fn main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench { scale, steps } => {
-            let scale = crate::spec::load_scale(crate::spec::DEFAULT_SCALES, "<embedded experiments/scales.yaml>", &scale)?;
+            let scale = crate::spec::load_scale(
+                crate::spec::DEFAULT_SCALES,
+                "<embedded experiments/scales.yaml>",
+                &scale,
+            )?;
             let r = crate::train::bench::train_throughput(&scale, steps)?;
             println!("{r}");
             Ok(())

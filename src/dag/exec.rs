@@ -2,6 +2,7 @@
 //! directory and published atomically; stored steps are skipped.
 
 use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
@@ -12,7 +13,7 @@ use crate::store::{Manifest, Store};
 pub struct Executor {
     store: Store,
     data_dir: Option<PathBuf>,
-    device: burn::prelude::Device,
+    jobs: usize,
 }
 
 #[derive(Debug, Default)]
@@ -21,70 +22,191 @@ pub struct RunSummary {
     pub cached: usize,
 }
 
+/// Scheduling state shared by the workers.
+struct Sched<'a> {
+    pending: Vec<&'a Step>,
+    running: usize,
+    ran: usize,
+    failed: Option<anyhow::Error>,
+}
+
 impl Executor {
-    pub fn new(store: Store, data_dir: Option<PathBuf>) -> Self {
-        Self { store, data_dir, device: crate::default_device() }
+    /// `jobs` steps run at once; each step is single-threaded and seeded, so the results do
+    /// not depend on `jobs`.
+    pub fn new(store: Store, data_dir: Option<PathBuf>, jobs: usize) -> Self {
+        Self {
+            store,
+            data_dir,
+            jobs: jobs.max(1),
+        }
     }
 
     pub fn run(&self, plan: &Plan) -> Result<RunSummary> {
-        let mut summary = RunSummary::default();
-        let todo: Vec<&Step> = plan.steps.iter().filter(|s| !self.store.contains(&s.key)).collect();
-        summary.cached = plan.steps.len() - todo.len();
-        tracing::info!("{} steps: {} cached, {} to run", plan.steps.len(), summary.cached, todo.len());
-        for (n, step) in todo.iter().enumerate() {
-            tracing::info!("[{}/{}] {} {} ({})", n + 1, todo.len(), step.kind.name(), step.label, step.short());
-            let t0 = Instant::now();
-            let staging = self.store.stage()?;
-            self.compute(step, staging.path()).with_context(|| format!("step '{}' ({}) failed", step.label, step.short()))?;
-            let manifest = Manifest {
-                key: step.key.clone(),
-                kind: step.kind.name().to_string(),
-                label: step.label.clone(),
-                kind_version: step.kind.version(),
-                tool_version: env!("CARGO_PKG_VERSION").to_string(),
-                params: step.params.clone(),
-                inputs: step.inputs.clone(),
-                outputs: Default::default(),
-                duration_s: t0.elapsed().as_secs_f64(),
-                backend: crate::backend_name().to_string(),
-                created: chrono::Utc::now().to_rfc3339(),
-            };
-            self.store.publish(staging, manifest)?;
-            tracing::info!("    done in {:.1}s", t0.elapsed().as_secs_f64());
-            summary.ran += 1;
+        let todo: Vec<&Step> = plan
+            .steps
+            .iter()
+            .filter(|s| !self.store.contains(&s.key))
+            .collect();
+        let cached = plan.steps.len() - todo.len();
+        let total = todo.len();
+        tracing::info!(
+            "{} steps: {} cached, {} to run ({} at a time)",
+            plan.steps.len(),
+            cached,
+            total,
+            self.jobs
+        );
+        let sched = Mutex::new(Sched {
+            pending: todo,
+            running: 0,
+            ran: 0,
+            failed: None,
+        });
+        let wake = Condvar::new();
+        std::thread::scope(|scope| {
+            for _ in 0..self.jobs.min(total.max(1)) {
+                scope.spawn(|| self.worker(&sched, &wake, total));
+            }
+        });
+        let sched = sched.into_inner().unwrap();
+        if let Some(e) = sched.failed {
+            return Err(e);
         }
-        Ok(summary)
+        Ok(RunSummary {
+            ran: sched.ran,
+            cached,
+        })
+    }
+
+    fn worker(&self, sched: &Mutex<Sched>, wake: &Condvar, total: usize) {
+        let device = crate::default_device();
+        loop {
+            let step = {
+                let mut st = sched.lock().unwrap();
+                loop {
+                    if st.failed.is_some() || st.pending.is_empty() {
+                        wake.notify_all();
+                        return;
+                    }
+                    let ready = st
+                        .pending
+                        .iter()
+                        .position(|s| s.inputs.values().all(|k| self.store.contains(k)));
+                    match ready {
+                        Some(i) => {
+                            st.running += 1;
+                            break st.pending.remove(i);
+                        }
+                        None if st.running == 0 => {
+                            st.failed = Some(anyhow!(
+                                "no step can run: inputs missing for {}",
+                                st.pending[0].label
+                            ));
+                            wake.notify_all();
+                            return;
+                        }
+                        None => st = wake.wait(st).unwrap(),
+                    }
+                }
+            };
+            let n = total - sched.lock().unwrap().pending.len();
+            tracing::info!("[{n}/{total}] {} ({})", step.label, step.short());
+            let res = self.execute(step, &device);
+            let mut st = sched.lock().unwrap();
+            st.running -= 1;
+            match res {
+                Ok(secs) => {
+                    st.ran += 1;
+                    tracing::info!("    {} done in {secs:.1}s", step.label);
+                }
+                Err(e) => {
+                    if st.failed.is_none() {
+                        st.failed = Some(e);
+                    }
+                }
+            }
+            wake.notify_all();
+        }
+    }
+
+    /// Computes one step into a staging directory and publishes it; returns its duration.
+    fn execute(&self, step: &Step, device: &burn::prelude::Device) -> Result<f64> {
+        let t0 = Instant::now();
+        let staging = self.store.stage()?;
+        self.compute(step, staging.path(), device)
+            .with_context(|| format!("step '{}' ({}) failed", step.label, step.short()))?;
+        let manifest = Manifest {
+            key: step.key.clone(),
+            kind: step.kind.name().to_string(),
+            label: step.label.clone(),
+            kind_version: step.kind.version(),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            params: step.params.clone(),
+            inputs: step.inputs.clone(),
+            outputs: Default::default(),
+            duration_s: t0.elapsed().as_secs_f64(),
+            backend: crate::backend_name().to_string(),
+            created: chrono::Utc::now().to_rfc3339(),
+        };
+        self.store.publish(staging, manifest)?;
+        Ok(t0.elapsed().as_secs_f64())
     }
 
     fn input(&self, step: &Step, role: &str) -> Result<PathBuf> {
-        let key = step.inputs.get(role).ok_or_else(|| anyhow!("step {} has no input '{role}'", step.label))?;
+        let key = step
+            .inputs
+            .get(role)
+            .ok_or_else(|| anyhow!("step {} has no input '{role}'", step.label))?;
         Ok(self.store.object_dir(key))
     }
 
-    fn compute(&self, step: &Step, out: &std::path::Path) -> Result<()> {
-        let dev = &self.device;
+    fn compute(
+        &self,
+        step: &Step,
+        out: &std::path::Path,
+        dev: &burn::prelude::Device,
+    ) -> Result<()> {
         match step.kind {
             Kind::Dataset => {
                 let p: crate::data::DatasetParams = step.params()?;
                 let data_dir = step.locators.get("data_dir").or(self.data_dir.as_ref());
                 let meta = crate::data::run_dataset_step(&p, data_dir.map(|p| p.as_path()), out)?;
-                tracing::info!("    {}: {} pretrain, {} tune, {} test images", meta.name, meta.pretrain, meta.tune, meta.test);
+                tracing::info!(
+                    "    {}: {} pretrain, {} tune, {} test images",
+                    meta.name,
+                    meta.pretrain,
+                    meta.tune,
+                    meta.test
+                );
             }
             Kind::Poison => {
                 let p: crate::attacks::PoisonParams = step.params()?;
-                let n = crate::attacks::run_poison_step(&p, &self.input(step, "dataset")?, step.locators.get("trigger_file"), out)?;
+                let n = crate::attacks::run_poison_step(
+                    &p,
+                    &self.input(step, "dataset")?,
+                    step.locators.get("trigger_file"),
+                    out,
+                )?;
                 tracing::info!("    {} poisoned training images", n);
             }
             Kind::Pretrain => {
                 let p: crate::train::PretrainParams = step.params()?;
-                let acc = crate::train::run_pretrain_step(&p, &self.input(step, "dataset")?, out, dev)?;
+                let acc =
+                    crate::train::run_pretrain_step(&p, &self.input(step, "dataset")?, out, dev)?;
                 tracing::info!("    pretrained checkpoint: {acc:.2}% clean test accuracy");
             }
             Kind::Stage1 => {
                 let p: crate::defences::ieu::Stage1Params = step.params()?;
                 let poison = self.input(step, "poison")?;
                 let dataset = self.dataset_of(&poison)?;
-                crate::defences::ieu::run_stage1_step(&p, &dataset, &poison, &self.input(step, "pretrain")?, out, dev)?;
+                crate::defences::ieu::run_stage1_step(
+                    &p,
+                    &dataset,
+                    &poison,
+                    &self.input(step, "pretrain")?,
+                    out,
+                    dev,
+                )?;
             }
             Kind::Finetune => {
                 let p: crate::defences::FinetuneParams = step.params()?;
@@ -118,9 +240,15 @@ impl Executor {
 
     /// The dataset step a poison step was made from (its recorded input).
     fn dataset_of(&self, poison_dir: &std::path::Path) -> Result<PathBuf> {
-        let key = poison_dir.file_name().and_then(|s| s.to_str()).ok_or_else(|| anyhow!("bad store path"))?;
+        let key = poison_dir
+            .file_name()
+            .and_then(|s| s.to_str())
+            .ok_or_else(|| anyhow!("bad store path"))?;
         let m = self.store.manifest(key)?;
-        let d = m.inputs.get("dataset").ok_or_else(|| anyhow!("poison step {key} has no dataset input"))?;
+        let d = m
+            .inputs
+            .get("dataset")
+            .ok_or_else(|| anyhow!("poison step {key} has no dataset input"))?;
         Ok(self.store.object_dir(d))
     }
 }

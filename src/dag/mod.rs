@@ -71,10 +71,22 @@ pub struct Step {
 }
 
 impl Step {
-    pub fn new<P: Serialize>(kind: Kind, label: impl Into<String>, params: &P, inputs: BTreeMap<String, String>) -> Result<Self> {
+    pub fn new<P: Serialize>(
+        kind: Kind,
+        label: impl Into<String>,
+        params: &P,
+        inputs: BTreeMap<String, String>,
+    ) -> Result<Self> {
         let params = serde_json::to_value(params)?;
         let key = step_key(kind, &params, &inputs);
-        Ok(Self { kind, label: label.into(), params, inputs, locators: BTreeMap::new(), key })
+        Ok(Self {
+            kind,
+            label: label.into(),
+            params,
+            inputs,
+            locators: BTreeMap::new(),
+            key,
+        })
     }
 
     pub fn with_locator(mut self, name: &str, path: PathBuf) -> Self {
@@ -103,7 +115,10 @@ pub fn canonical_json(v: &Value) -> String {
                 .collect();
             format!("{{{}}}", parts.join(","))
         }
-        Value::Array(a) => format!("[{}]", a.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical_json).collect::<Vec<_>>().join(",")
+        ),
         other => other.to_string(),
     }
 }
@@ -115,7 +130,9 @@ pub fn step_key(kind: Kind, params: &Value, inputs: &BTreeMap<String, String>) -
         "params": params,
         "inputs": inputs,
     });
-    blake3::hash(canonical_json(&doc).as_bytes()).to_hex().to_string()
+    blake3::hash(canonical_json(&doc).as_bytes())
+        .to_hex()
+        .to_string()
 }
 
 /// One grid cell of a spec and the step whose metrics it reports.
@@ -163,14 +180,27 @@ mod tests {
     #[test]
     fn key_depends_on_params_inputs_and_kind_but_not_map_order() {
         let a = serde_json::json!({"x": 1, "y": [1, 2], "z": {"b": 1, "a": 2}});
-        let b: Value = serde_json::from_str(r#"{"z": {"a": 2, "b": 1}, "y": [1, 2], "x": 1}"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"z": {"a": 2, "b": 1}, "y": [1, 2], "x": 1}"#).unwrap();
         let none = BTreeMap::new();
-        assert_eq!(step_key(Kind::Poison, &a, &none), step_key(Kind::Poison, &b, &none));
-        assert_ne!(step_key(Kind::Poison, &a, &none), step_key(Kind::Dataset, &a, &none));
+        assert_eq!(
+            step_key(Kind::Poison, &a, &none),
+            step_key(Kind::Poison, &b, &none)
+        );
+        assert_ne!(
+            step_key(Kind::Poison, &a, &none),
+            step_key(Kind::Dataset, &a, &none)
+        );
         let c = serde_json::json!({"x": 2, "y": [1, 2], "z": {"b": 1, "a": 2}});
-        assert_ne!(step_key(Kind::Poison, &a, &none), step_key(Kind::Poison, &c, &none));
+        assert_ne!(
+            step_key(Kind::Poison, &a, &none),
+            step_key(Kind::Poison, &c, &none)
+        );
         let inp: BTreeMap<String, String> = [("data".to_string(), "k".to_string())].into();
-        assert_ne!(step_key(Kind::Poison, &a, &none), step_key(Kind::Poison, &a, &inp));
+        assert_ne!(
+            step_key(Kind::Poison, &a, &none),
+            step_key(Kind::Poison, &a, &inp)
+        );
         assert_eq!(canonical_json(&b), r#"{"x":1,"y":[1,2],"z":{"a":2,"b":1}}"#);
     }
 }

@@ -23,13 +23,21 @@ fn bilinear(img: &[f32], size: usize, c: usize, y: f32, x: f32) -> f32 {
     let (y1, x1) = ((y0 + 1).min(size - 1), (x0 + 1).min(size - 1));
     let (fy, fx) = (y - y0 as f32, x - x0 as f32);
     let at = |yy: usize, xx: usize| img[c * size * size + yy * size + xx];
-    (at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx) * (1.0 - fy) + (at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx) * fy
+    (at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx) * (1.0 - fy)
+        + (at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx) * fy
 }
 
 /// The clean crop: RandomResizedCrop(scale 0.75–1, ratio 3/4–4/3), horizontal flip (p 0.5),
 /// colour jitter (p 0.8: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), grayscale
 /// (p 0.2), then normalisation. Input CHW u8, output CHW f32.
-pub fn clean_crop(img: &[u8], size: usize, mean: &[f32; 3], std: &[f32; 3], rng: &mut ChaCha8Rng, out: &mut [f32]) {
+pub fn clean_crop(
+    img: &[u8],
+    size: usize,
+    mean: &[f32; 3],
+    std: &[f32; 3],
+    rng: &mut ChaCha8Rng,
+    out: &mut [f32],
+) {
     let hw = size * size;
     let src: Vec<f32> = img.iter().map(|&v| v as f32 / 255.0).collect();
     // Random resized crop.
@@ -78,8 +86,10 @@ fn colour_jitter(px: &mut [f32], hw: usize, rng: &mut ChaCha8Rng) {
     for v in px.iter_mut() {
         *v = (*v * b).clamp(0.0, 1.0);
     }
-    let gray_mean: f32 =
-        (0..hw).map(|p| 0.299 * px[p] + 0.587 * px[hw + p] + 0.114 * px[2 * hw + p]).sum::<f32>() / hw as f32;
+    let gray_mean: f32 = (0..hw)
+        .map(|p| 0.299 * px[p] + 0.587 * px[hw + p] + 0.114 * px[2 * hw + p])
+        .sum::<f32>()
+        / hw as f32;
     for v in px.iter_mut() {
         *v = ((*v - gray_mean) * k + gray_mean).clamp(0.0, 1.0);
     }
@@ -88,7 +98,11 @@ fn colour_jitter(px: &mut [f32], hw: usize, rng: &mut ChaCha8Rng) {
         let (r, g, bl) = (px[p], px[hw + p], px[2 * hw + p]);
         let gray = 0.299 * r + 0.587 * g + 0.114 * bl;
         // Saturation, then a hue rotation in YIQ space.
-        let (r, g, bl) = (gray + (r - gray) * s, gray + (g - gray) * s, gray + (bl - gray) * s);
+        let (r, g, bl) = (
+            gray + (r - gray) * s,
+            gray + (g - gray) * s,
+            gray + (bl - gray) * s,
+        );
         let yy = 0.299 * r + 0.587 * g + 0.114 * bl;
         let i = 0.596 * r - 0.274 * g - 0.322 * bl;
         let q = 0.211 * r - 0.523 * g + 0.312 * bl;
@@ -151,7 +165,10 @@ mod tests {
         clean_crop(&img, 16, &m, &s, &mut ChaCha8Rng::seed_from_u64(1), &mut a);
         clean_crop(&img, 16, &m, &s, &mut ChaCha8Rng::seed_from_u64(1), &mut b);
         assert_eq!(a, b);
-        assert!(a.iter().all(|v| v.is_finite() && *v >= -2.0 - 1e-4 && *v <= 2.0 + 1e-4));
+        assert!(
+            a.iter()
+                .all(|v| v.is_finite() && *v >= -2.0 - 1e-4 && *v <= 2.0 + 1e-4)
+        );
     }
 
     #[test]
@@ -160,10 +177,14 @@ mod tests {
         for seed in 0..20 {
             let mut x = vec![7.0f32; 3 * size * size];
             corrupt(&mut x, size, 0.3, &mut ChaCha8Rng::seed_from_u64(seed));
-            let changed = (0..size * size).filter(|&p| x[p] != 7.0).count() as f32 / (size * size) as f32;
+            let changed =
+                (0..size * size).filter(|&p| x[p] != 7.0).count() as f32 / (size * size) as f32;
             assert!(changed >= 0.05, "seed {seed}: {changed}");
             // The last block may overshoot the target by at most one 9x9 block.
-            assert!(changed <= 0.3 + 81.0 / 1024.0 + 1e-6, "seed {seed}: {changed}");
+            assert!(
+                changed <= 0.3 + 81.0 / 1024.0 + 1e-6,
+                "seed {seed}: {changed}"
+            );
         }
     }
 }

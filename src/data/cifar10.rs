@@ -8,11 +8,27 @@ use anyhow::{Result, bail};
 
 use super::{ImageSet, RawSplits};
 
-pub const FILES: [&str; 6] =
-    ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin", "test_batch.bin"];
+pub const FILES: [&str; 6] = [
+    "data_batch_1.bin",
+    "data_batch_2.bin",
+    "data_batch_3.bin",
+    "data_batch_4.bin",
+    "data_batch_5.bin",
+    "test_batch.bin",
+];
 const RECORD: usize = 1 + 3 * 32 * 32;
-const CLASSES: [&str; 10] =
-    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+const CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
 
 /// The folder holding the batches: `DATA_DIR/cifar-10-batches-bin`, or `DATA_DIR` itself.
 pub fn find(data_dir: Option<&Path>) -> Result<PathBuf> {
@@ -30,7 +46,11 @@ pub fn find(data_dir: Option<&Path>) -> Result<PathBuf> {
                 bail!(
                     "CIFAR-10 in {} is incomplete: missing {}",
                     cand.display(),
-                    missing.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
+                    missing
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             return Ok(cand);
@@ -55,7 +75,8 @@ pub fn digest(dir: &Path) -> Result<String> {
 }
 
 fn read_batch(path: &Path, into: &mut ImageSet) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     if bytes.is_empty() || bytes.len() % RECORD != 0 {
         bail!(
             "{} is not a CIFAR-10 batch: {} bytes is not a multiple of the {RECORD}-byte record",
@@ -65,7 +86,11 @@ fn read_batch(path: &Path, into: &mut ImageSet) -> Result<()> {
     }
     for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
         if rec[0] >= 10 {
-            bail!("{}: record {i} has label {} (expected 0..9)", path.display(), rec[0]);
+            bail!(
+                "{}: record {i} has label {} (expected 0..9)",
+                path.display(),
+                rec[0]
+            );
         }
         into.push(&rec[1..], rec[0] as u16);
     }
@@ -81,8 +106,17 @@ pub fn load(dir: &Path) -> Result<RawSplits> {
     read_batch(&dir.join(FILES[5]), &mut test)?;
     let classes = match std::fs::read_to_string(dir.join("batches.meta.txt")) {
         Ok(t) => {
-            let names: Vec<String> = t.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
-            if names.len() == 10 { names } else { CLASSES.iter().map(|s| s.to_string()).collect() }
+            let names: Vec<String> = t
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            if names.len() == 10 {
+                names
+            } else {
+                CLASSES.iter().map(|s| s.to_string()).collect()
+            }
         }
         Err(_) => CLASSES.iter().map(|s| s.to_string()).collect(),
     };
@@ -103,12 +137,18 @@ mod tests {
     fn missing_and_malformed_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let e = find(Some(dir.path())).unwrap_err().to_string();
-        assert!(e.contains("CIFAR-10 not found") && e.contains("data_batch_1.bin"), "{e}");
+        assert!(
+            e.contains("CIFAR-10 not found") && e.contains("data_batch_1.bin"),
+            "{e}"
+        );
         let b = dir.path().join("cifar-10-batches-bin");
         std::fs::create_dir(&b).unwrap();
         std::fs::write(b.join("data_batch_1.bin"), [0u8; 10]).unwrap();
         let e = find(Some(dir.path())).unwrap_err().to_string();
-        assert!(e.contains("incomplete") && e.contains("test_batch.bin"), "{e}");
+        assert!(
+            e.contains("incomplete") && e.contains("test_batch.bin"),
+            "{e}"
+        );
         for f in FILES {
             std::fs::write(b.join(f), [0u8; 10]).unwrap();
         }

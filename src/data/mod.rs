@@ -27,7 +27,11 @@ pub struct ImageSet {
 
 impl ImageSet {
     pub fn new(size: usize) -> Self {
-        Self { size, images: Vec::new(), labels: Vec::new() }
+        Self {
+            size,
+            images: Vec::new(),
+            labels: Vec::new(),
+        }
     }
     pub fn len(&self) -> usize {
         self.labels.len()
@@ -72,21 +76,40 @@ impl ImageSet {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .with_context(|| format!("{} is not a safetensors image set", path.display()))?;
         let images = st.tensor("images")?;
         let labels = st.tensor("labels")?;
         let shape = images.shape();
-        if shape.len() != 4 || shape[1] != 3 || shape[2] != shape[3] || images.dtype() != Dtype::U8 {
-            bail!("{}: images must be U8 [N,3,H,H], got {:?} {:?}", path.display(), images.dtype(), shape);
+        if shape.len() != 4 || shape[1] != 3 || shape[2] != shape[3] || images.dtype() != Dtype::U8
+        {
+            bail!(
+                "{}: images must be U8 [N,3,H,H], got {:?} {:?}",
+                path.display(),
+                images.dtype(),
+                shape
+            );
         }
-        let labels: Vec<u16> =
-            labels.data().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let labels: Vec<u16> = labels
+            .data()
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
         if labels.len() != shape[0] {
-            bail!("{}: {} labels for {} images", path.display(), labels.len(), shape[0]);
+            bail!(
+                "{}: {} labels for {} images",
+                path.display(),
+                labels.len(),
+                shape[0]
+            );
         }
-        Ok(Self { size: shape[2], images: images.data().to_vec(), labels })
+        Ok(Self {
+            size: shape[2],
+            images: images.data().to_vec(),
+            labels,
+        })
     }
 }
 
@@ -151,14 +174,21 @@ pub struct RawSplits {
 /// Runs the `dataset` step: reads or generates the data, splits it into disjoint pretrain
 /// and tune subsets (a seeded permutation of the training split), and writes
 /// `pretrain.safetensors`, `tune.safetensors`, `test.safetensors` and `meta.json`.
-pub fn run_dataset_step(p: &DatasetParams, data_dir: Option<&Path>, out: &Path) -> Result<DatasetMeta> {
+pub fn run_dataset_step(
+    p: &DatasetParams,
+    data_dir: Option<&Path>,
+    out: &Path,
+) -> Result<DatasetMeta> {
     let raw = match p.name.as_str() {
         "synthetic" => synthetic::generate(p.seed, p.pretrain + p.tune, p.test, p.image_size),
         "cifar10" => {
             let dir = cifar10::find(data_dir)?;
             let digest = cifar10::digest(&dir)?;
             if Some(&digest) != p.source_digest.as_ref() {
-                bail!("CIFAR-10 files in {} changed since planning; run again", dir.display());
+                bail!(
+                    "CIFAR-10 files in {} changed since planning; run again",
+                    dir.display()
+                );
             }
             let mut raw = cifar10::load(&dir)?;
             raw.train = resize_set(&raw.train, p.image_size);
@@ -179,7 +209,12 @@ pub fn run_dataset_step(p: &DatasetParams, data_dir: Option<&Path>, out: &Path) 
     }
     let test_n = if p.test == 0 { raw.test.len() } else { p.test };
     if test_n > raw.test.len() {
-        bail!("dataset {}: the scale asks for {} test images but there are {}", p.name, test_n, raw.test.len());
+        bail!(
+            "dataset {}: the scale asks for {} test images but there are {}",
+            p.name,
+            test_n,
+            raw.test.len()
+        );
     }
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed ^ 0xDA7A);
     let mut perm: Vec<usize> = (0..raw.train.len()).collect();
@@ -202,13 +237,17 @@ pub fn run_dataset_step(p: &DatasetParams, data_dir: Option<&Path>, out: &Path) 
         tune: tune.len(),
         test: test.len(),
     };
-    crate::store::write_synced(&out.join("meta.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    crate::store::write_synced(
+        &out.join("meta.json"),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )?;
     Ok(meta)
 }
 
 pub fn load_meta(dir: &Path) -> Result<DatasetMeta> {
     let path = dir.join("meta.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     Ok(serde_json::from_str(&text)?)
 }
 
@@ -227,8 +266,11 @@ pub fn resize_set(set: &ImageSet, size: usize) -> ImageSet {
 /// Resizes one CHW u8 image with a triangle (bilinear) filter.
 pub fn resize_chw(img: &[u8], from: usize, to: usize) -> Vec<u8> {
     let rgb = chw_to_rgb(img, from);
-    let filter =
-        if to < from { image::imageops::FilterType::Triangle } else { image::imageops::FilterType::CatmullRom };
+    let filter = if to < from {
+        image::imageops::FilterType::Triangle
+    } else {
+        image::imageops::FilterType::CatmullRom
+    };
     let resized = image::imageops::resize(&rgb, to as u32, to as u32, filter);
     rgb_to_chw(&resized)
 }

@@ -10,8 +10,10 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{ImageSet, RawSplits};
 
-pub const CLASSES: [&str; 10] =
-    ["disk", "square", "triangle", "hstripes", "vstripes", "ring", "plus", "cross", "checker", "twodots"];
+pub const CLASSES: [&str; 10] = [
+    "disk", "square", "triangle", "hstripes", "vstripes", "ring", "plus", "cross", "checker",
+    "twodots",
+];
 
 pub fn generate(seed: u64, train: usize, test: usize, size: usize) -> RawSplits {
     let mut tr = ImageSet::new(size);
@@ -45,7 +47,12 @@ fn inside(class: u16, dx: f32, dy: f32, r: f32) -> bool {
         5 => d < r && d > r * 0.6,
         6 => (dx.abs() < r * 0.3 && dy.abs() < r) || (dy.abs() < r * 0.3 && dx.abs() < r),
         7 => m < r && (dx.abs() - dy.abs()).abs() < r * 0.28,
-        8 => m < r && (((dx + r) / (r / 2.0)).floor() as i32 + ((dy + r) / (r / 2.0)).floor() as i32) % 2 == 0,
+        8 => {
+            m < r
+                && (((dx + r) / (r / 2.0)).floor() as i32 + ((dy + r) / (r / 2.0)).floor() as i32)
+                    % 2
+                    == 0
+        }
         _ => {
             let a = ((dx + r * 0.5).powi(2) + dy * dy).sqrt();
             let b = ((dx - r * 0.5).powi(2) + dy * dy).sqrt();
@@ -56,7 +63,9 @@ fn inside(class: u16, dx: f32, dy: f32, r: f32) -> bool {
 
 /// Renders image `index` of `split` (0 train, 1 test): CHW bytes and its label.
 pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) {
-    let mixed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (split << 62) ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mixed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (split << 62)
+        ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     let mut rng = ChaCha8Rng::seed_from_u64(mixed);
     let class: u16 = rng.random_range(0..10);
     let bg0: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..1.0));
@@ -65,7 +74,13 @@ pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) 
     let mut fg: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..1.0));
     let bgm: [f32; 3] = std::array::from_fn(|c| (bg0[c] + bg1[c]) / 2.0);
     if (0..3).map(|c| (fg[c] - bgm[c]).abs()).sum::<f32>() < 0.6 {
-        fg = std::array::from_fn(|c| if bgm[c] > 0.5 { fg[c] * 0.3 } else { 0.7 + fg[c] * 0.3 });
+        fg = std::array::from_fn(|c| {
+            if bgm[c] > 0.5 {
+                fg[c] * 0.3
+            } else {
+                0.7 + fg[c] * 0.3
+            }
+        });
     }
     let angle: f32 = rng.random_range(0.0..std::f32::consts::TAU);
     let (ga, gb) = (angle.cos(), angle.sin());
@@ -82,7 +97,11 @@ pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) 
             let t = ((u - 0.5) * ga + (v - 0.5) * gb + 0.71) / 1.42;
             let on = inside(class, u - cx, v - cy, r);
             for c in 0..3 {
-                let base = if on { fg[c] } else { bg0[c] * (1.0 - t) + bg1[c] * t };
+                let base = if on {
+                    fg[c]
+                } else {
+                    bg0[c] * (1.0 - t) + bg1[c] * t
+                };
                 let val = base + noise * (rng.random::<f32>() * 2.0 - 1.0);
                 out[c * hw + y * size + x] = (val.clamp(0.0, 1.0) * 255.0).round() as u8;
             }
@@ -111,7 +130,9 @@ mod tests {
         // The mean image of two classes must differ clearly in the central region.
         let s = generate(0, 2000, 0, 16);
         let mean = |cls: u16| {
-            let idx: Vec<usize> = (0..s.train.len()).filter(|&i| s.train.labels[i] == cls).collect();
+            let idx: Vec<usize> = (0..s.train.len())
+                .filter(|&i| s.train.labels[i] == cls)
+                .collect();
             let mut m = vec![0f32; 16 * 16];
             for &i in &idx {
                 let img = s.train.image(i);
@@ -125,6 +146,11 @@ mod tests {
         };
         let (a, b) = (mean(0), mean(5)); // disk vs ring: the ring's centre is background
         let centre = 7 * 16 + 7;
-        assert!((a[centre] - b[centre]).abs() > 1.0, "{} vs {}", a[centre], b[centre]);
+        assert!(
+            (a[centre] - b[centre]).abs() > 1.0,
+            "{} vs {}",
+            a[centre],
+            b[centre]
+        );
     }
 }

@@ -31,8 +31,8 @@ use crate::data::{DatasetMeta, ImageSet};
 use crate::progress::Progress;
 use crate::spec::Scale;
 use crate::train::{
-    Decay, Supervised, View, adamw, cosine_schedule, cross_entropy, epoch_batches, iters_per_epoch, labels, rng_for,
-    train_supervised, views,
+    Decay, Supervised, View, adamw, cosine_schedule, cross_entropy, epoch_batches, iters_per_epoch,
+    labels, rng_for, train_supervised, views,
 };
 
 pub const STAGE1_VERSION: u32 = 1;
@@ -62,26 +62,51 @@ impl Stage1Params {
 }
 
 /// Stage 1: tunes f_p and writes it as `model.safetensors` + `config.json`.
-pub fn run_stage1_step(p: &Stage1Params, dataset: &Path, poison: &Path, pretrain: &Path, out: &Path, device: &Device) -> Result<()> {
+pub fn run_stage1_step(
+    p: &Stage1Params,
+    dataset: &Path,
+    poison: &Path,
+    pretrain: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<()> {
     let meta = crate::data::load_meta(dataset)?;
     let tune = ImageSet::load(&poison.join("tune.safetensors"))?;
     let ad = device.clone().autodiff();
     let (pre, pre_cfg) = crate::models::load_vit(pretrain, &ad)?;
     if p.depth > pre_cfg.depth {
-        bail!("f_p depth {} exceeds the checkpoint's {} blocks", p.depth, pre_cfg.depth);
+        bail!(
+            "f_p depth {} exceeds the checkpoint's {} blocks",
+            p.depth,
+            pre_cfg.depth
+        );
     }
-    device.seed(p.seed ^ 0xF0);
-    let fp = pre.truncated(p.depth, meta.num_classes(), &ad);
-    let cfg = crate::models::VitConfig { depth: p.depth, num_classes: meta.num_classes(), ..pre_cfg };
+    let fp = pre.truncated(p.depth, meta.num_classes(), p.seed ^ 0xF0, &ad);
+    let cfg = crate::models::VitConfig {
+        depth: p.depth,
+        num_classes: meta.num_classes(),
+        ..pre_cfg
+    };
     let iters = iters_per_epoch(tune.len(), p.batch_size);
     // Linear warm-up from 0, then constant (reference: base == final lr), weight decay 0.
     let lr = cosine_schedule(p.lr, p.lr, p.epochs, iters, p.warmup_epochs, 0.0);
     let wd = vec![0.0; lr.len()];
-    let sup = Supervised { label: "stage1 f_p", epochs: p.epochs, batch_size: p.batch_size, views: &[View::NoAug], lr, wd, seed: p.seed };
+    let sup = Supervised {
+        label: "stage1 f_p",
+        epochs: p.epochs,
+        batch_size: p.batch_size,
+        views: &[View::NoAug],
+        lr,
+        wd,
+        seed: p.seed,
+    };
     let (fp, log) = train_supervised(fp, &tune, &meta, &sup, &ad)?;
     crate::models::save_vit(&fp.valid(), &cfg, out)?;
     let info = serde_json::json!({ "loss_per_epoch": log });
-    crate::store::write_synced(&out.join("train_log.json"), serde_json::to_string_pretty(&info)?.as_bytes())
+    crate::store::write_synced(
+        &out.join("train_log.json"),
+        serde_json::to_string_pretty(&info)?.as_bytes(),
+    )
 }
 
 /// Eq. 3's factor on lr_tune: 1 for the first unlearned batch of an epoch (k = 0), else
@@ -152,17 +177,29 @@ impl GateStats {
 }
 
 fn pct(a: usize, b: usize) -> f64 {
-    if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 }
+    if b == 0 {
+        0.0
+    } else {
+        100.0 * a as f64 / b as f64
+    }
 }
 
 /// f_p's logits on the unaugmented view of every finetuning image. f_p is frozen and its
 /// input unaugmented, so these are exactly the logits Algorithm 1 would compute per batch.
-fn gate_logits(fp: &crate::models::Vit, set: &ImageSet, meta: &DatasetMeta, batch: usize, device: &Device) -> Vec<Vec<f32>> {
+fn gate_logits(
+    fp: &crate::models::Vit,
+    set: &ImageSet,
+    meta: &DatasetMeta,
+    batch: usize,
+    device: &Device,
+) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(set.len());
     let idx: Vec<usize> = (0..set.len()).collect();
     let mut rng = rng_for(0, 0, 0, 0);
     for chunk in idx.chunks(batch) {
-        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device).pop().unwrap();
+        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device)
+            .pop()
+            .unwrap();
         let logits = fp.forward(x);
         let c = logits.dims()[1];
         let v: Vec<f32> = logits.to_data().convert::<f32>().try_to_vec().unwrap();
@@ -203,7 +240,10 @@ pub fn run_stage2(
     let (fp, _) = crate::models::load_vit(stage1, device)?;
     let fp_logits = gate_logits(&fp, &tune, &meta, 256, device);
     // Algorithm 1 line 10: queued iff max σ(f_p(x)) > c_thresh.
-    let flagged: Vec<bool> = fp_logits.iter().map(|l| max_softmax(l) as f64 > c_thresh).collect();
+    let flagged: Vec<bool> = fp_logits
+        .iter()
+        .map(|l| max_softmax(l) as f64 > c_thresh)
+        .collect();
     let gate = GateStats::from_flags(&flagged, &poison_idx);
     tracing::info!(
         poison_flagged = format!("{:.2}%", gate.poison_flagged_pct()),
@@ -212,7 +252,8 @@ pub fn run_stage2(
     );
 
     let ad = device.clone().autodiff();
-    let (mut model, cfg) = super::none::initial_robust_model(inputs.pretrain, meta.num_classes(), p.seed, device)?;
+    let (mut model, cfg) =
+        super::none::initial_robust_model(inputs.pretrain, meta.num_classes(), p.seed, device)?;
     let mut optim_tune = adamw();
     let mut optim_ul = adamw();
     let iters = iters_per_epoch(tune.len(), p.batch_size);
@@ -223,7 +264,10 @@ pub fn run_stage2(
     let nc = meta.num_classes();
     let epochs = p.schedule.epochs;
     let progress = Progress::new("ieu f_r", (epochs * iters) as u64);
-    let mut stats = Stage2Stats { gate, ..Default::default() };
+    let mut stats = Stage2Stats {
+        gate,
+        ..Default::default()
+    };
     let mut it = 0usize;
     for epoch in 0..epochs {
         // Line 4: a fresh unlearn queue each epoch; Eq. 3's k restarts at 0.
@@ -232,7 +276,10 @@ pub fn run_stage2(
         let mut prev_loss = 0.0f64;
         let mut sum = 0.0;
         let mut count = 0usize;
-        for (bi, batch) in epoch_batches(tune.len(), p.batch_size, p.seed, epoch).iter().enumerate() {
+        for (bi, batch) in epoch_batches(tune.len(), p.batch_size, p.seed, epoch)
+            .iter()
+            .enumerate()
+        {
             // Lines 6–8: masked logits (Eq. 1), cross-entropy, one learning step.
             let mut rng = rng_for(p.seed, epoch, bi, 0xA06);
             let xs = views(&tune, batch, learn_views, &meta, &mut rng, &ad);
@@ -241,7 +288,10 @@ pub fn run_stage2(
             let ys = Tensor::cat(vec![y; nviews], 0);
             let y_r = model.forward(Tensor::cat(xs, 0));
             let logits = if logit_masking {
-                let rows: Vec<f32> = batch.iter().flat_map(|&i| fp_logits[i].iter().cloned()).collect();
+                let rows: Vec<f32> = batch
+                    .iter()
+                    .flat_map(|&i| fp_logits[i].iter().cloned())
+                    .collect();
                 let y_p = Tensor::<2>::from_data(TensorData::new(rows, [batch.len(), nc]), &ad);
                 masked_logits(Tensor::cat(vec![y_p; nviews], 0), y_r, c_thresh)
             } else {
@@ -255,7 +305,9 @@ pub fn run_stage2(
             let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
             model = optim_tune.step(lr[it], model, grads);
             if wd[it] > 0.0 {
-                model = model.map(&mut Decay { factor: 1.0 - lr[it] * wd[it] });
+                model = model.map(&mut Decay {
+                    factor: 1.0 - lr[it] * wd[it],
+                });
             }
             sum += value;
             count += 1;
@@ -279,10 +331,13 @@ pub fn run_stage2(
                 }
                 let scale = dynamic_unlearn_scale(k, prev_loss, nc);
                 let lr_ul = lr[it] * scale;
-                let grads = burn::optim::GradientsParams::from_grads(ul_loss.neg().backward(), &model);
+                let grads =
+                    burn::optim::GradientsParams::from_grads(ul_loss.neg().backward(), &model);
                 model = optim_ul.step(lr_ul, model, grads);
                 if wd[it] > 0.0 {
-                    model = model.map(&mut Decay { factor: 1.0 - lr_ul * wd[it] });
+                    model = model.map(&mut Decay {
+                        factor: 1.0 - lr_ul * wd[it],
+                    });
                 }
                 prev_loss = ul_value;
                 k += 1;
@@ -291,13 +346,22 @@ pub fn run_stage2(
                 stats.unlearn_scales.push(scale);
             }
             it += 1;
-            progress.inc(format!("epoch {}/{} loss {:.3} unlearned {}", epoch + 1, epochs, sum / count as f64, stats.unlearn_steps));
+            progress.inc(format!(
+                "epoch {}/{} loss {:.3} unlearned {}",
+                epoch + 1,
+                epochs,
+                sum / count as f64,
+                stats.unlearn_steps
+            ));
         }
         stats.loss_per_epoch.push(sum / count.max(1) as f64);
     }
     progress.finish();
     crate::models::save_vit(&model.valid(), &cfg, out)?;
-    crate::store::write_synced(&out.join("train_stats.json"), serde_json::to_string_pretty(&stats)?.as_bytes())
+    crate::store::write_synced(
+        &out.join("train_stats.json"),
+        serde_json::to_string_pretty(&stats)?.as_bytes(),
+    )
 }
 
 #[cfg(test)]
@@ -327,29 +391,56 @@ mod tests {
         let device = Device::flex();
         // Row 0: f_p confident (softmax of [10, 0] ≈ 0.99995 > 0.95) → ŷ = ŷ_p.
         // Row 1: f_p unconfident (softmax of [0.1, 0] ≈ 0.525) → ŷ = ŷ_r.
-        let y_p = Tensor::<2>::from_data(TensorData::new(vec![10.0f32, 0.0, 0.1, 0.0], [2, 2]), &device);
-        let y_r = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]), &device);
-        let out: Vec<f32> = masked_logits(y_p, y_r, 0.95).to_data().try_to_vec().unwrap();
+        let y_p = Tensor::<2>::from_data(
+            TensorData::new(vec![10.0f32, 0.0, 0.1, 0.0], [2, 2]),
+            &device,
+        );
+        let y_r = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]),
+            &device,
+        );
+        let out: Vec<f32> = masked_logits(y_p, y_r, 0.95)
+            .to_data()
+            .try_to_vec()
+            .unwrap();
         assert_eq!(out, vec![10.0, 0.0, 3.0, 4.0]);
     }
 
     #[test]
     fn eq1_gives_no_gradient_to_f_r_on_flagged_rows() {
         let device = Device::flex().autodiff();
-        let y_p = Tensor::<2>::from_data(TensorData::new(vec![10.0f32, 0.0, 0.1, 0.0], [2, 2]), &device);
-        let y_r = Tensor::<2>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]), &device).require_grad();
+        let y_p = Tensor::<2>::from_data(
+            TensorData::new(vec![10.0f32, 0.0, 0.1, 0.0], [2, 2]),
+            &device,
+        );
+        let y_r = Tensor::<2>::from_data(
+            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]),
+            &device,
+        )
+        .require_grad();
         let out = masked_logits(y_p, y_r.clone(), 0.95);
         let grads = out.sum().backward();
-        let g: Vec<f32> = y_r.grad(&grads).unwrap().to_data().convert::<f32>().try_to_vec().unwrap();
+        let g: Vec<f32> = y_r
+            .grad(&grads)
+            .unwrap()
+            .to_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .unwrap();
         assert_eq!(g, vec![0.0, 0.0, 1.0, 1.0]);
     }
 
     #[test]
     fn gate_stats_count_fpr_and_fnr() {
         // 4 poisoned (indices 0..4), 6 clean; gate flags 3 poisoned and 1 clean.
-        let flags = [true, true, true, false, true, false, false, false, false, false];
+        let flags = [
+            true, true, true, false, true, false, false, false, false, false,
+        ];
         let s = GateStats::from_flags(&flags, &[0, 1, 2, 3]);
-        assert_eq!((s.poisoned, s.clean, s.poisoned_flagged, s.clean_flagged), (4, 6, 3, 1));
+        assert_eq!(
+            (s.poisoned, s.clean, s.poisoned_flagged, s.clean_flagged),
+            (4, 6, 3, 1)
+        );
         assert!((s.fnr() - 25.0).abs() < 1e-12);
         assert!((s.fpr() - 100.0 / 6.0).abs() < 1e-12);
         assert!((s.poison_flagged_pct() - 75.0).abs() < 1e-12);

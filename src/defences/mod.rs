@@ -40,7 +40,13 @@ pub struct FinetuneParams {
 
 impl FinetuneParams {
     pub fn from_scale(s: &Scale, defence: DefenceParams, seed: u64) -> Self {
-        Self { defence, schedule: s.finetune.clone(), batch_size: s.batch_size, views: s.views, seed }
+        Self {
+            defence,
+            schedule: s.finetune.clone(),
+            batch_size: s.batch_size,
+            views: s.views,
+            seed,
+        }
     }
 
     /// The views f_r learns from.
@@ -54,7 +60,8 @@ impl FinetuneParams {
     /// Per-iteration learning rate and weight decay for `iters` iterations per epoch.
     pub fn schedules(&self, iters: usize) -> (Vec<f64>, Vec<f64>) {
         let s = &self.schedule;
-        let lr = crate::train::cosine_schedule(s.lr, s.min_lr, s.epochs, iters, s.warmup_epochs, 0.0);
+        let lr =
+            crate::train::cosine_schedule(s.lr, s.min_lr, s.epochs, iters, s.warmup_epochs, 0.0);
         let wd = crate::train::cosine_schedule(s.wd_start, s.wd_end, s.epochs, iters, 0, 0.0);
         (lr, wd)
     }
@@ -70,11 +77,21 @@ pub struct FinetuneInputs<'a> {
 
 /// Runs the `finetune` step: writes the defended f_r (`model.safetensors`, `config.json`)
 /// and `train_stats.json` (losses, and for IEU the gate and unlearning statistics).
-pub fn run_finetune_step(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
+pub fn run_finetune_step(
+    p: &FinetuneParams,
+    inputs: &FinetuneInputs,
+    out: &Path,
+    device: &Device,
+) -> Result<()> {
     match &p.defence {
         DefenceParams::None => none::run(p, inputs, out, device),
-        DefenceParams::Ieu { c_thresh, logit_masking } => {
-            let Some(stage1) = inputs.stage1 else { bail!("ieu finetuning needs the stage-1 poisoned module") };
+        DefenceParams::Ieu {
+            c_thresh,
+            logit_masking,
+        } => {
+            let Some(stage1) = inputs.stage1 else {
+                bail!("ieu finetuning needs the stage-1 poisoned module")
+            };
             ieu::run_stage2(p, *c_thresh, *logit_masking, inputs, stage1, out, device)
         }
     }

@@ -18,10 +18,9 @@ pub fn initial_robust_model(
     device: &Device,
 ) -> Result<(crate::models::Vit, crate::models::VitConfig)> {
     let ad = device.clone().autodiff();
-    device.seed(seed ^ 0x4EAD);
     let (vit, mut cfg) = crate::models::load_vit(pretrain, &ad)?;
     cfg.num_classes = num_classes;
-    Ok((vit.with_new_head(num_classes, &ad), cfg))
+    Ok((vit.with_new_head(num_classes, seed ^ 0x4EAD, &ad), cfg))
 }
 
 pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
@@ -43,5 +42,8 @@ pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Dev
     let (model, log) = train_supervised(model, &tune, &meta, &sup, &ad)?;
     crate::models::save_vit(&model.valid(), &cfg, out)?;
     let stats = serde_json::json!({ "loss_per_epoch": log });
-    crate::store::write_synced(&out.join("train_stats.json"), serde_json::to_string_pretty(&stats)?.as_bytes())
+    crate::store::write_synced(
+        &out.join("train_stats.json"),
+        serde_json::to_string_pretty(&stats)?.as_bytes(),
+    )
 }

@@ -47,20 +47,40 @@ impl Metrics {
 
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("metrics.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         Ok(serde_json::from_str(&text)?)
     }
 }
 
 /// Runs the `evaluate` step on a finetuned model; writes `metrics.json`.
-pub fn run_evaluate_step(p: &EvalParams, finetune: &Path, poison: &Path, dataset: &Path, out: &Path, device: &Device) -> Result<Metrics> {
+pub fn run_evaluate_step(
+    p: &EvalParams,
+    finetune: &Path,
+    poison: &Path,
+    dataset: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<Metrics> {
     let meta = crate::data::load_meta(dataset)?;
     let (model, _) = crate::models::load_vit(finetune, device)?;
     let clean = ImageSet::load(&dataset.join("test.safetensors"))?;
     let triggered = ImageSet::load(&poison.join("test.safetensors"))?;
-    let ca = crate::train::accuracy(&crate::train::predict(&model, &clean, &meta, p.batch_size, device), &clean);
-    let asr = crate::train::accuracy(&crate::train::predict(&model, &triggered, &meta, p.batch_size, device), &triggered);
-    let mut m = Metrics { ca, asr, n_clean: clean.len(), n_poisoned: triggered.len(), ..Default::default() };
+    let ca = crate::train::accuracy(
+        &crate::train::predict(&model, &clean, &meta, p.batch_size, device),
+        &clean,
+    );
+    let asr = crate::train::accuracy(
+        &crate::train::predict(&model, &triggered, &meta, p.batch_size, device),
+        &triggered,
+    );
+    let mut m = Metrics {
+        ca,
+        asr,
+        n_clean: clean.len(),
+        n_poisoned: triggered.len(),
+        ..Default::default()
+    };
     let stats_path = finetune.join("train_stats.json");
     if let Ok(text) = std::fs::read_to_string(&stats_path) {
         if let Ok(s) = serde_json::from_str::<crate::defences::ieu::Stage2Stats>(&text) {
@@ -71,6 +91,9 @@ pub fn run_evaluate_step(p: &EvalParams, finetune: &Path, poison: &Path, dataset
             m.unlearn_steps = Some(s.unlearn_steps as f64);
         }
     }
-    crate::store::write_synced(&out.join("metrics.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+    crate::store::write_synced(
+        &out.join("metrics.json"),
+        serde_json::to_string_pretty(&m)?.as_bytes(),
+    )?;
     Ok(m)
 }

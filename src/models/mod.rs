@@ -10,26 +10,42 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 
 pub use vit::{Vit, VitConfig};
 
 struct Collect {
+    path: Vec<String>,
     out: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
 }
 
 impl ModuleVisitor for Collect {
-    fn visit_float_with_path<const D: usize>(&mut self, path: &[String], _id: ParamId, tensor: &Tensor<D>) {
-        let data: Vec<f32> = tensor.to_data().convert::<f32>().try_to_vec().expect("f32 tensor");
-        self.out.insert(path.join("."), (tensor.dims().to_vec(), data));
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let tensor = param.val();
+        let data: Vec<f32> = tensor
+            .to_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .expect("f32 tensor");
+        self.out
+            .insert(self.path.join("."), (tensor.dims().to_vec(), data));
     }
 }
 
 /// Every float parameter of a module by path.
 pub fn named_params<M: Module>(m: &M) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let mut c = Collect { out: BTreeMap::new() };
+    let mut c = Collect {
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
     m.visit(&mut c);
     c.out
 }
@@ -69,12 +85,19 @@ impl ModuleMapper for Load {
         match self.tensors.get(&name) {
             Some((shape, data)) if shape.as_slice() == dims.as_slice() => {
                 self.used += 1;
-                let t = Tensor::<D>::from_data(TensorData::new(data.clone(), shape.clone()), &self.device);
+                let grad = param.val().is_require_grad();
+                let t = Tensor::<D>::from_data(
+                    TensorData::new(data.clone(), shape.clone()),
+                    &self.device,
+                );
+                let t = if grad { t.require_grad() } else { t };
                 let (id, _, _) = param.consume();
                 Param::initialized(id, t)
             }
             Some((shape, _)) => {
-                self.errors.push(format!("{name}: checkpoint shape {shape:?}, model shape {dims:?}"));
+                self.errors.push(format!(
+                    "{name}: checkpoint shape {shape:?}, model shape {dims:?}"
+                ));
                 param
             }
             None => {
@@ -87,25 +110,48 @@ impl ModuleMapper for Load {
 
 /// Loads a checkpoint written by [`save_safetensors`] into `m` (every parameter must match).
 pub fn load_safetensors<M: Module>(m: M, path: &Path, device: &Device) -> Result<M> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not a safetensors checkpoint", path.display()))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            bail!("{}: tensor {name} is {:?}, expected F32", path.display(), view.dtype());
+            bail!(
+                "{}: tensor {name} is {:?}, expected F32",
+                path.display(),
+                view.dtype()
+            );
         }
-        let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         tensors.insert(name, (view.shape().to_vec(), data));
     }
     let total = tensors.len();
-    let mut loader = Load { path: Vec::new(), tensors, device: device.clone(), used: 0, errors: Vec::new() };
+    let mut loader = Load {
+        path: Vec::new(),
+        tensors,
+        device: device.clone(),
+        used: 0,
+        errors: Vec::new(),
+    };
     let m = m.map(&mut loader);
     if !loader.errors.is_empty() {
-        bail!("checkpoint {} does not fit the model:\n  {}", path.display(), loader.errors.join("\n  "));
+        bail!(
+            "checkpoint {} does not fit the model:\n  {}",
+            path.display(),
+            loader.errors.join("\n  ")
+        );
     }
     if loader.used != total {
-        bail!("checkpoint {}: {} tensors are not used by the model", path.display(), total - loader.used);
+        bail!(
+            "checkpoint {}: {} tensors are not used by the model",
+            path.display(),
+            total - loader.used
+        );
     }
     Ok(m)
 }
@@ -115,14 +161,19 @@ pub fn save_config(cfg: &VitConfig, path: &Path) -> Result<()> {
 }
 
 pub fn load_config(path: &Path) -> Result<VitConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(serde_json::from_str(&text)?)
 }
 
 /// Loads a ViT saved as `model.safetensors` + `config.json` in `dir`.
 pub fn load_vit(dir: &Path, device: &Device) -> Result<(Vit, VitConfig)> {
     let cfg = load_config(&dir.join("config.json"))?;
-    let vit = load_safetensors(Vit::new(&cfg, device), &dir.join("model.safetensors"), device)?;
+    let vit = load_safetensors(
+        Vit::new(&cfg, 0, device),
+        &dir.join("model.safetensors"),
+        device,
+    )?;
     Ok((vit, cfg))
 }
 

@@ -8,9 +8,11 @@
 //! head ([`Vit::truncated`]).
 
 use burn::module::{Module, Param};
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 /// Architecture of a ViT; stored beside every checkpoint.
@@ -36,30 +38,55 @@ impl VitConfig {
 
 const LN_EPS: f64 = 1e-6;
 
-fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
-        .init(device)
-        .zero_bias()
+/// Seeded parameter initialisation. Values are drawn from our own ChaCha stream, not the
+/// backend's global RNG, so a model is a pure function of its seed whatever else runs
+/// concurrently.
+pub struct Init {
+    rng: ChaCha8Rng,
+    device: Device,
 }
 
-trait ZeroBias {
-    fn zero_bias(self) -> Self;
-}
-
-impl ZeroBias for Linear {
-    fn zero_bias(mut self) -> Self {
-        if let Some(b) = self.bias.take() {
-            let dims = b.val().dims();
-            let device = b.val().device();
-            self.bias = Some(Param::from_tensor(Tensor::zeros(dims, &device)));
+impl Init {
+    pub fn new(seed: u64, device: &Device) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed ^ 0x1417),
+            device: device.clone(),
         }
-        self
     }
-}
 
-fn layer_norm(dim: usize, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(dim).with_epsilon(LN_EPS).init(device)
+    /// N(0, std²) truncated at ±2 std (timm's trunc_normal_).
+    pub fn normal<const D: usize>(&mut self, shape: [usize; D], std: f32) -> Param<Tensor<D>> {
+        let n: usize = shape.iter().product();
+        let vals: Vec<f32> = (0..n)
+            .map(|_| {
+                loop {
+                    let z = crate::data::augment::gaussian(&mut self.rng);
+                    if z.abs() <= 2.0 {
+                        break z * std;
+                    }
+                }
+            })
+            .collect();
+        Param::from_data(TensorData::new(vals, shape), &self.device)
+    }
+
+    pub fn zeros<const D: usize>(&mut self, shape: [usize; D]) -> Param<Tensor<D>> {
+        let n: usize = shape.iter().product();
+        Param::from_data(TensorData::new(vec![0f32; n], shape), &self.device)
+    }
+
+    pub fn linear(&mut self, d_in: usize, d_out: usize) -> Linear {
+        Linear {
+            weight: self.normal([d_in, d_out], 0.02),
+            bias: Some(self.zeros([d_out])),
+        }
+    }
+
+    pub fn layer_norm(&mut self, dim: usize) -> LayerNorm {
+        LayerNormConfig::new(dim)
+            .with_epsilon(LN_EPS)
+            .init(&self.device)
+    }
 }
 
 #[derive(Module, Debug)]
@@ -74,7 +101,11 @@ impl Attention {
         let [b, n, d] = x.dims();
         let hd = d / self.heads;
         // [B, N, 3, H, hd] -> [3, B, H, N, hd]
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
+        let qkv = self
+            .qkv
+            .forward(x)
+            .reshape([b, n, 3, self.heads, hd])
+            .permute([2, 0, 3, 1, 4]);
         let q: Tensor<4> = qkv.clone().slice([0..1]).reshape([b, self.heads, n, hd]);
         let k: Tensor<4> = qkv.clone().slice([1..2]).reshape([b, self.heads, n, hd]);
         let v: Tensor<4> = qkv.slice([2..3]).reshape([b, self.heads, n, hd]);
@@ -100,18 +131,28 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(dim: usize, heads: usize, mlp_ratio: usize, device: &Device) -> Self {
+    fn new(dim: usize, heads: usize, mlp_ratio: usize, init: &mut Init) -> Self {
         Self {
-            norm1: layer_norm(dim, device),
-            attn: Attention { qkv: linear(dim, 3 * dim, device), proj: linear(dim, dim, device), heads },
-            norm2: layer_norm(dim, device),
-            mlp: Mlp { fc1: linear(dim, dim * mlp_ratio, device), fc2: linear(dim * mlp_ratio, dim, device) },
+            norm1: init.layer_norm(dim),
+            attn: Attention {
+                qkv: init.linear(dim, 3 * dim),
+                proj: init.linear(dim, dim),
+                heads,
+            },
+            norm2: init.layer_norm(dim),
+            mlp: Mlp {
+                fc1: init.linear(dim, dim * mlp_ratio),
+                fc2: init.linear(dim * mlp_ratio, dim),
+            },
         }
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x));
-        let h = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
+        let h = self
+            .mlp
+            .fc2
+            .forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
         x + h
     }
 }
@@ -124,8 +165,11 @@ pub struct Head {
 }
 
 impl Head {
-    fn new(dim: usize, classes: usize, device: &Device) -> Self {
-        Self { fc1: linear(2 * dim, dim, device), fc2: linear(dim, classes, device) }
+    fn new(dim: usize, classes: usize, init: &mut Init) -> Self {
+        Self {
+            fc1: init.linear(2 * dim, dim),
+            fc2: init.linear(dim, classes),
+        }
     }
 }
 
@@ -143,23 +187,26 @@ pub struct Vit {
 }
 
 impl Vit {
-    pub fn new(cfg: &VitConfig, device: &Device) -> Self {
+    /// A freshly initialised ViT; the same seed always gives the same weights.
+    pub fn new(cfg: &VitConfig, seed: u64, device: &Device) -> Self {
         let n = cfg.num_patches();
-        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        let mut init = Init::new(seed, device);
         Self {
-            patch_embed: linear(cfg.patch_dim(), cfg.dim, device),
-            cls_token: init.init([1, 1, cfg.dim], device),
-            pos_embed: init.init([1, n + 1, cfg.dim], device),
-            blocks: (0..cfg.depth).map(|_| Block::new(cfg.dim, cfg.heads, cfg.mlp_ratio, device)).collect(),
-            norm: layer_norm(cfg.dim, device),
-            head: Head::new(cfg.dim, cfg.num_classes, device),
+            patch_embed: init.linear(cfg.patch_dim(), cfg.dim),
+            cls_token: init.normal([1, 1, cfg.dim], 0.02),
+            pos_embed: init.normal([1, n + 1, cfg.dim], 0.02),
+            blocks: (0..cfg.depth)
+                .map(|_| Block::new(cfg.dim, cfg.heads, cfg.mlp_ratio, &mut init))
+                .collect(),
+            norm: init.layer_norm(cfg.dim),
+            head: Head::new(cfg.dim, cfg.num_classes, &mut init),
             patch_size: cfg.patch_size,
         }
     }
 
     /// The first `depth` blocks of this model with a freshly initialised head for
     /// `num_classes` classes (the paper's f_p when applied to the pretrained checkpoint).
-    pub fn truncated(&self, depth: usize, num_classes: usize, device: &Device) -> Self {
+    pub fn truncated(&self, depth: usize, num_classes: usize, seed: u64, device: &Device) -> Self {
         let dim = self.norm.gamma.val().dims()[0];
         Self {
             patch_embed: self.patch_embed.clone(),
@@ -167,15 +214,18 @@ impl Vit {
             pos_embed: self.pos_embed.clone(),
             blocks: self.blocks[..depth.min(self.blocks.len())].to_vec(),
             norm: self.norm.clone(),
-            head: Head::new(dim, num_classes, device),
+            head: Head::new(dim, num_classes, &mut Init::new(seed, device)),
             patch_size: self.patch_size,
         }
     }
 
     /// The same backbone with a fresh head (finetuning starts from the checkpoint's body).
-    pub fn with_new_head(self, num_classes: usize, device: &Device) -> Self {
+    pub fn with_new_head(self, num_classes: usize, seed: u64, device: &Device) -> Self {
         let dim = self.norm.gamma.val().dims()[0];
-        Self { head: Head::new(dim, num_classes, device), ..self }
+        Self {
+            head: Head::new(dim, num_classes, &mut Init::new(seed, device)),
+            ..self
+        }
     }
 
     /// Images [B, 3, H, W] (normalised) → patch tokens [B, N, 3·p·p].
@@ -225,8 +275,16 @@ mod tests {
     #[test]
     fn patchify_matches_channel_major_patch_flattening() {
         let device = Device::flex();
-        let cfg = VitConfig { image_size: 4, patch_size: 2, dim: 8, depth: 1, heads: 2, mlp_ratio: 2, num_classes: 3 };
-        let vit = Vit::new(&cfg, &device);
+        let cfg = VitConfig {
+            image_size: 4,
+            patch_size: 2,
+            dim: 8,
+            depth: 1,
+            heads: 2,
+            mlp_ratio: 2,
+            num_classes: 3,
+        };
+        let vit = Vit::new(&cfg, 0, &device);
         let vals: Vec<f32> = (0..2 * 3 * 16).map(|i| i as f32).collect();
         let x = Tensor::<4>::from_data(TensorData::new(vals.clone(), [2, 3, 4, 4]), &device);
         let p: Vec<f32> = vit.patchify(x).to_data().try_to_vec().unwrap();
@@ -235,9 +293,12 @@ mod tests {
         let patch = 1;
         let off = (1 * 4 + patch) * 12 + 2 * 4 + 1 * 2;
         assert_eq!(p[off], 86.0);
-        let logits = vit.forward(Tensor::<4>::from_data(TensorData::new(vals, [2, 3, 4, 4]), &device));
+        let logits = vit.forward(Tensor::<4>::from_data(
+            TensorData::new(vals, [2, 3, 4, 4]),
+            &device,
+        ));
         assert_eq!(logits.dims(), [2, 3]);
-        let f_p = vit.truncated(1, 5, &device);
+        let f_p = vit.truncated(1, 5, 0, &device);
         assert_eq!(f_p.depth(), 1);
     }
 }

@@ -25,7 +25,8 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
     let mut at = Vec::new();
     let mut de = Vec::new();
     let mut keys = Vec::new();
-    let mut cols: BTreeMap<&str, Vec<Option<f64>>> = METRIC_COLUMNS.iter().map(|m| (*m, Vec::new())).collect();
+    let mut cols: BTreeMap<&str, Vec<Option<f64>>> =
+        METRIC_COLUMNS.iter().map(|m| (*m, Vec::new())).collect();
     for cell in &plan.cells {
         ds.push(cell.dataset.clone());
         at.push(cell.attack.clone());
@@ -37,7 +38,9 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
             None
         };
         for name in METRIC_COLUMNS {
-            cols.get_mut(name).unwrap().push(m.as_ref().and_then(|m| m.get(name)));
+            cols.get_mut(name)
+                .unwrap()
+                .push(m.as_ref().and_then(|m| m.get(name)));
         }
     }
     let mut columns: Vec<Column> = vec![
@@ -55,7 +58,10 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
 /// CSV with one row per grid cell; metrics as percentages with two decimals.
 pub fn to_csv(df: &mut DataFrame) -> Result<String> {
     let mut buf = Vec::new();
-    CsvWriter::new(&mut buf).include_header(true).with_float_precision(Some(2)).finish(df)?;
+    CsvWriter::new(&mut buf)
+        .include_header(true)
+        .with_float_precision(Some(2))
+        .finish(df)?;
     Ok(String::from_utf8(buf)?)
 }
 
@@ -64,7 +70,12 @@ fn value(df: &DataFrame, row: usize, metric: &str) -> Result<Option<f64>> {
 }
 
 fn text(df: &DataFrame, row: usize, col: &str) -> Result<String> {
-    Ok(df.column(col)?.str()?.get(row).unwrap_or_default().to_string())
+    Ok(df
+        .column(col)?
+        .str()?
+        .get(row)
+        .unwrap_or_default()
+        .to_string())
 }
 
 #[derive(Serialize)]
@@ -81,10 +92,18 @@ struct Row {
 }
 
 /// Marks the best value of each metric across column groups in one row.
-fn mark_best(values: &mut [Value], raw: &[Option<f64>], groups: usize, metrics: &[String], best: &BTreeMap<String, Better>) {
+fn mark_best(
+    values: &mut [Value],
+    raw: &[Option<f64>],
+    groups: usize,
+    metrics: &[String],
+    best: &BTreeMap<String, Better>,
+) {
     for (mi, m) in metrics.iter().enumerate() {
         let Some(rule) = best.get(m) else { continue };
-        let present: Vec<f64> = (0..groups).filter_map(|g| raw[g * metrics.len() + mi]).collect();
+        let present: Vec<f64> = (0..groups)
+            .filter_map(|g| raw[g * metrics.len() + mi])
+            .collect();
         if present.len() < 2 {
             continue;
         }
@@ -114,7 +133,11 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
     // Index the frame by (row labels, column group).
     let mut index: BTreeMap<(Vec<String>, String), usize> = BTreeMap::new();
     for r in 0..df.height() {
-        let labels = layout.rows.iter().map(|a| text(df, r, a)).collect::<Result<Vec<_>>>()?;
+        let labels = layout
+            .rows
+            .iter()
+            .map(|a| text(df, r, a))
+            .collect::<Result<Vec<_>>>()?;
         index.insert((labels, text(df, r, &layout.columns)?), r);
     }
     // Row label tuples in grid order.
@@ -123,7 +146,10 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
         let vals = grid.axis(axis).unwrap();
         row_keys = row_keys
             .into_iter()
-            .flat_map(|prefix| vals.iter().map(move |v| [prefix.clone(), vec![v.clone()]].concat()))
+            .flat_map(|prefix| {
+                vals.iter()
+                    .map(move |v| [prefix.clone(), vec![v.clone()]].concat())
+            })
             .collect();
     }
     // Averages per outermost row group and column group, computed by Polars over the cells
@@ -133,7 +159,8 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
     if layout.average {
         for ov in grid.axis(outer).unwrap() {
             for g in &groups {
-                let mask = df.column(outer)?.str()?.equal(ov.as_str()) & df.column(&layout.columns)?.str()?.equal(g.as_str());
+                let mask = df.column(outer)?.str()?.equal(ov.as_str())
+                    & df.column(&layout.columns)?.str()?.equal(g.as_str());
                 let part = df.filter(&mask)?;
                 let mut vals = BTreeMap::new();
                 for m in metrics {
@@ -175,23 +202,37 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
                 }
             }
             mark_best(&mut values, &raw, groups.len(), metrics, &layout.best);
-            rows.push(Row { labels: labels.clone(), values, average: false });
+            rows.push(Row {
+                labels: labels.clone(),
+                values,
+                average: false,
+            });
         }
         if layout.average {
             let mut raw = Vec::new();
             let mut values = Vec::new();
             for g in &groups {
                 for m in metrics {
-                    let v = averages.get(&(ov.clone(), g.clone())).and_then(|a| a.get(m)).copied();
+                    let v = averages
+                        .get(&(ov.clone(), g.clone()))
+                        .and_then(|a| a.get(m))
+                        .copied();
                     raw.push(v);
-                    values.push(Value { text: v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()), bold: false });
+                    values.push(Value {
+                        text: v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
+                        bold: false,
+                    });
                 }
             }
             mark_best(&mut values, &raw, groups.len(), metrics, &layout.best);
             let mut labels = vec![ov.clone()];
             labels.extend(std::iter::repeat_n(String::new(), layout.rows.len() - 1));
             labels[layout.rows.len() - 1] = "Average".into();
-            rows.push(Row { labels, values, average: true });
+            rows.push(Row {
+                labels,
+                values,
+                average: true,
+            });
         }
     }
     let mut env = Environment::new();
@@ -220,5 +261,8 @@ fn cell_key(row_axes: &[String], labels: &[String], col_axis: &str, group: &str)
         parts.insert(a.as_str(), l.as_str());
     }
     parts.insert(col_axis, group);
-    format!("{}/{}/{}", parts["dataset"], parts["attack"], parts["defence"])
+    format!(
+        "{}/{}/{}",
+        parts["dataset"], parts["attack"], parts["defence"]
+    )
 }

@@ -16,7 +16,7 @@ use anyhow::{Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use names::{ATTACKS, DATASETS, DEFENCES, Availability};
+pub use names::{ATTACKS, Availability, DATASETS, DEFENCES};
 
 /// The spec run when none is given: the synthetic dataset, so it needs no data on disk.
 pub const DEFAULT_SPEC: &str = include_str!("../../experiments/default.yaml");
@@ -85,7 +85,11 @@ pub struct IeuDefaults {
 
 impl Default for IeuDefaults {
     fn default() -> Self {
-        Self { c_thresh: 0.95, fp_depth: 1, logit_masking: true }
+        Self {
+            c_thresh: 0.95,
+            fp_depth: 1,
+            logit_masking: true,
+        }
     }
 }
 
@@ -152,8 +156,15 @@ pub struct Reference {
 }
 
 /// Metric names a report may show.
-pub const METRICS: &[&str] =
-    &["asr", "ca", "fpr", "fnr", "poison_flagged", "clean_flagged", "unlearn_steps"];
+pub const METRICS: &[&str] = &[
+    "asr",
+    "ca",
+    "fpr",
+    "fnr",
+    "poison_flagged",
+    "clean_flagged",
+    "unlearn_steps",
+];
 
 // ---------------------------------------------------------------------------------------
 // Scales
@@ -264,11 +275,18 @@ pub struct LoadedSpec {
 impl LoadedSpec {
     pub fn load(path: Option<&Path>) -> Result<Self> {
         let (text, origin, dir) = match path {
-            None => (DEFAULT_SPEC.to_string(), DEFAULT_SPEC_NAME.to_string(), PathBuf::from(".")),
+            None => (
+                DEFAULT_SPEC.to_string(),
+                DEFAULT_SPEC_NAME.to_string(),
+                PathBuf::from("."),
+            ),
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| anyhow!("cannot read spec {}: {e}", p.display()))?;
-                let dir = p.parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into());
+                let dir = p
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| ".".into());
                 (text, p.display().to_string(), dir)
             }
         };
@@ -278,7 +296,11 @@ impl LoadedSpec {
     pub fn from_str(text: &str, origin: &str, dir: PathBuf) -> Result<Self> {
         let spec: Spec = parse_yaml(text, origin)?;
         validate_spec(&spec, origin)?;
-        Ok(Self { spec, origin: origin.to_string(), dir })
+        Ok(Self {
+            spec,
+            origin: origin.to_string(),
+            dir,
+        })
     }
 
     /// The scales file beside the spec if there is one, else the embedded copy.
@@ -289,7 +311,10 @@ impl LoadedSpec {
                 .map_err(|e| anyhow!("cannot read {}: {e}", beside.display()))?;
             (text, beside.display().to_string())
         } else {
-            (DEFAULT_SCALES.to_string(), "<embedded experiments/scales.yaml>".to_string())
+            (
+                DEFAULT_SCALES.to_string(),
+                "<embedded experiments/scales.yaml>".to_string(),
+            )
         };
         load_scale(&text, &origin, name)
     }
@@ -297,15 +322,18 @@ impl LoadedSpec {
     /// Restricts grid axes: each filter is `AXIS=V1,V2`.
     pub fn apply_only(&mut self, filters: &[String]) -> Result<()> {
         for f in filters {
-            let (axis, values) = f
-                .split_once('=')
-                .ok_or_else(|| anyhow!("--only {f}: expected AXIS=V1,V2 (axes: dataset, attack, defence)"))?;
+            let (axis, values) = f.split_once('=').ok_or_else(|| {
+                anyhow!("--only {f}: expected AXIS=V1,V2 (axes: dataset, attack, defence)")
+            })?;
             let axis = axis.trim();
             let list = self.spec.grid.axis_mut(axis).ok_or_else(|| {
                 anyhow!("--only {f}: unknown axis '{axis}' (axes: dataset, attack, defence)")
             })?;
-            let wanted: Vec<String> =
-                values.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect();
+            let wanted: Vec<String> = values
+                .split(',')
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .collect();
             if wanted.is_empty() {
                 bail!("--only {f}: no values given");
             }
@@ -339,20 +367,32 @@ pub fn load_scale(text: &str, origin: &str, name: &str) -> Result<Scale> {
 fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
     let d = &spec.defaults;
     if !(0.0..1.0).contains(&d.poison_rate) {
-        bail!("{file}: field `defaults.poison_rate`: {} is not in [0, 1)", d.poison_rate);
+        bail!(
+            "{file}: field `defaults.poison_rate`: {} is not in [0, 1)",
+            d.poison_rate
+        );
     }
     if !(d.ieu.c_thresh > 0.0 && d.ieu.c_thresh < 1.0) {
-        bail!("{file}: field `defaults.ieu.c_thresh`: {} is not in (0, 1)", d.ieu.c_thresh);
+        bail!(
+            "{file}: field `defaults.ieu.c_thresh`: {} is not in (0, 1)",
+            d.ieu.c_thresh
+        );
     }
     if d.ieu.fp_depth == 0 {
         bail!("{file}: field `defaults.ieu.fp_depth`: must be at least 1");
     }
     if d.model != "vit" {
-        bail!("{file}: field `defaults.model`: unknown model '{}' (known: vit)", d.model);
+        bail!(
+            "{file}: field `defaults.model`: unknown model '{}' (known: vit)",
+            d.model
+        );
     }
     let b = &d.attacks.blended;
     if !(b.alpha > 0.0 && b.alpha <= 1.0) {
-        bail!("{file}: field `defaults.attacks.blended.alpha`: {} is not in (0, 1]", b.alpha);
+        bail!(
+            "{file}: field `defaults.attacks.blended.alpha`: {} is not in (0, 1]",
+            b.alpha
+        );
     }
     if !(d.attacks.badnets_white.size_frac > 0.0 && d.attacks.badnets_white.size_frac <= 0.5) {
         bail!(
@@ -360,7 +400,11 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             d.attacks.badnets_white.size_frac
         );
     }
-    for (axis, known) in [("dataset", DATASETS), ("attack", ATTACKS), ("defence", DEFENCES)] {
+    for (axis, known) in [
+        ("dataset", DATASETS),
+        ("attack", ATTACKS),
+        ("defence", DEFENCES),
+    ] {
         let list = spec.grid.axis(axis).unwrap();
         if list.is_empty() {
             bail!("{file}: field `grid.{axis}`: empty list");
@@ -380,18 +424,28 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
     let r = &spec.report;
     for (i, row) in r.rows.iter().enumerate() {
         if spec.grid.axis(row).is_none() {
-            bail!("{file}: field `report.rows[{i}]`: '{row}' is not a grid axis (dataset, attack, defence)");
+            bail!(
+                "{file}: field `report.rows[{i}]`: '{row}' is not a grid axis (dataset, attack, defence)"
+            );
         }
     }
     if spec.grid.axis(&r.columns).is_none() || r.rows.contains(&r.columns) {
-        bail!("{file}: field `report.columns`: '{}' must be a grid axis not used in rows", r.columns);
+        bail!(
+            "{file}: field `report.columns`: '{}' must be a grid axis not used in rows",
+            r.columns
+        );
     }
     if r.rows.len() + 1 != 3 {
-        bail!("{file}: field `report.rows`: rows and columns together must use all three grid axes");
+        bail!(
+            "{file}: field `report.rows`: rows and columns together must use all three grid axes"
+        );
     }
     for (i, m) in r.metrics.iter().enumerate() {
         if !METRICS.contains(&m.as_str()) {
-            bail!("{file}: field `report.metrics[{i}]`: unknown metric '{m}' (known: {})", METRICS.join(", "));
+            bail!(
+                "{file}: field `report.metrics[{i}]`: unknown metric '{m}' (known: {})",
+                METRICS.join(", ")
+            );
         }
     }
     for m in r.best.keys() {
@@ -405,16 +459,25 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
 fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
     let f = |field: &str, msg: String| anyhow!("{file}: field `{name}.{field}`: {msg}");
     if s.image_size < 8 {
-        return Err(f("image_size", format!("{} is too small (at least 8)", s.image_size)));
+        return Err(f(
+            "image_size",
+            format!("{} is too small (at least 8)", s.image_size),
+        ));
     }
     if s.model.patch_size == 0 || s.image_size % s.model.patch_size != 0 {
         return Err(f(
             "model.patch_size",
-            format!("{} does not divide image_size {}", s.model.patch_size, s.image_size),
+            format!(
+                "{} does not divide image_size {}",
+                s.model.patch_size, s.image_size
+            ),
         ));
     }
     if s.model.heads == 0 || s.model.dim % s.model.heads != 0 {
-        return Err(f("model.heads", format!("{} does not divide dim {}", s.model.heads, s.model.dim)));
+        return Err(f(
+            "model.heads",
+            format!("{} does not divide dim {}", s.model.heads, s.model.dim),
+        ));
     }
     if s.model.depth == 0 {
         return Err(f("model.depth", "must be at least 1".into()));
@@ -422,7 +485,11 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
     if s.batch_size == 0 || s.eval_batch_size == 0 {
         return Err(f("batch_size", "must be positive".into()));
     }
-    for (field, v) in [("pretrain.lr", s.pretrain.lr), ("stage1.lr", s.stage1.lr), ("finetune.lr", s.finetune.lr)] {
+    for (field, v) in [
+        ("pretrain.lr", s.pretrain.lr),
+        ("stage1.lr", s.stage1.lr),
+        ("finetune.lr", s.finetune.lr),
+    ] {
         if !(v > 0.0 && v.is_finite()) {
             return Err(f(field, format!("{v} must be a positive number")));
         }
@@ -454,22 +521,34 @@ report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
     #[test]
     fn unknown_key_names_file_and_field() {
         let bad = GOOD.replace("name: t", "name: t\ndefaults: { poison_rat: 0.2 }");
-        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into()).unwrap_err().to_string();
-        assert!(e.contains("t.yaml") && e.contains("defaults") && e.contains("poison_rat"), "{e}");
+        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.yaml") && e.contains("defaults") && e.contains("poison_rat"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_attack_names_index() {
         let bad = GOOD.replace("[badnets-white]", "[badnets-white, badnetz]");
-        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into()).unwrap_err().to_string();
+        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("grid.attack[1]") && e.contains("badnetz"), "{e}");
     }
 
     #[test]
     fn bad_value_is_rejected() {
         let bad = GOOD.replace("name: t", "name: t\ndefaults: { poison_rate: 1.5 }");
-        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into()).unwrap_err().to_string();
-        assert!(e.contains("defaults.poison_rate") && e.contains("1.5"), "{e}");
+        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("defaults.poison_rate") && e.contains("1.5"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -477,9 +556,15 @@ report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
         let mut s = LoadedSpec::from_str(GOOD, "t.yaml", ".".into()).unwrap();
         s.apply_only(&["defence=ieu".into()]).unwrap();
         assert_eq!(s.spec.grid.defence, vec!["ieu"]);
-        let e = s.apply_only(&["attack=blended".into()]).unwrap_err().to_string();
+        let e = s
+            .apply_only(&["attack=blended".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'blended' is not in grid.attack"), "{e}");
-        let e = s.apply_only(&["colour=red".into()]).unwrap_err().to_string();
+        let e = s
+            .apply_only(&["colour=red".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown axis 'colour'"), "{e}");
     }
 
@@ -488,7 +573,9 @@ report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
         for name in ["smoke", "cpu", "paper"] {
             load_scale(DEFAULT_SCALES, "scales.yaml", name).unwrap();
         }
-        let e = load_scale(DEFAULT_SCALES, "scales.yaml", "huge").unwrap_err().to_string();
+        let e = load_scale(DEFAULT_SCALES, "scales.yaml", "huge")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown scale 'huge'"), "{e}");
     }
 }

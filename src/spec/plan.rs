@@ -19,7 +19,10 @@ use crate::metrics::EvalParams;
 use crate::train::PretrainParams;
 
 fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
 }
 
 fn check_available(table: &[(&str, Availability)], axis: &str, name: &str) -> Result<()> {
@@ -55,7 +58,12 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
             seed: d.seed,
             source_digest: located.as_ref().map(|(_, digest)| digest.clone()),
         };
-        let mut step = Step::new(Kind::Dataset, format!("dataset {dataset}"), &dp, BTreeMap::new())?;
+        let mut step = Step::new(
+            Kind::Dataset,
+            format!("dataset {dataset}"),
+            &dp,
+            BTreeMap::new(),
+        )?;
         if let Some(root) = data_dir {
             step = step.with_locator("data_dir", root.to_path_buf());
         }
@@ -91,13 +99,25 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
                         }
                         None => None,
                     };
-                    AttackParams::Blended { alpha: b.alpha, trigger_digest: digest }
+                    AttackParams::Blended {
+                        alpha: b.alpha,
+                        trigger_digest: digest,
+                    }
                 }
                 other => bail!("not implemented yet: attack {other}"),
             };
-            let pp = PoisonParams { attack: attack_params, poison_rate: d.poison_rate, target: d.target, seed: d.seed };
-            let mut step =
-                Step::new(Kind::Poison, format!("poison {dataset}/{attack}"), &pp, inputs(&[("dataset", &data_key)]))?;
+            let pp = PoisonParams {
+                attack: attack_params,
+                poison_rate: d.poison_rate,
+                target: d.target,
+                seed: d.seed,
+            };
+            let mut step = Step::new(
+                Kind::Poison,
+                format!("poison {dataset}/{attack}"),
+                &pp,
+                inputs(&[("dataset", &data_key)]),
+            )?;
             if let Some(p) = trigger_path {
                 step = step.with_locator("trigger_file", p);
             }
@@ -115,7 +135,10 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
                             inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
                         )?);
                         (
-                            DefenceParams::Ieu { c_thresh: d.ieu.c_thresh, logit_masking: d.ieu.logit_masking },
+                            DefenceParams::Ieu {
+                                c_thresh: d.ieu.c_thresh,
+                                logit_masking: d.ieu.logit_masking,
+                            },
                             Some(fp_key),
                         )
                     }
@@ -126,14 +149,24 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
                 if let Some(k) = &fp_key {
                     ins.insert("stage1".into(), k.clone());
                 }
-                let ft_key =
-                    plan.add(Step::new(Kind::Finetune, format!("finetune {dataset}/{attack}/{defence}"), &fp, ins)?);
-                let ep = EvalParams { batch_size: scale.eval_batch_size };
+                let ft_key = plan.add(Step::new(
+                    Kind::Finetune,
+                    format!("finetune {dataset}/{attack}/{defence}"),
+                    &fp,
+                    ins,
+                )?);
+                let ep = EvalParams {
+                    batch_size: scale.eval_batch_size,
+                };
                 let eval_key = plan.add(Step::new(
                     Kind::Evaluate,
                     format!("evaluate {dataset}/{attack}/{defence}"),
                     &ep,
-                    inputs(&[("finetune", &ft_key), ("poison", &poison_key), ("dataset", &data_key)]),
+                    inputs(&[
+                        ("finetune", &ft_key),
+                        ("poison", &poison_key),
+                        ("dataset", &data_key),
+                    ]),
                 )?);
                 plan.cells.push(Cell {
                     dataset: dataset.clone(),

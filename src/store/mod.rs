@@ -71,7 +71,9 @@ impl Store {
             fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create store directory {}", dir.display()))?;
         }
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -135,8 +137,8 @@ impl Store {
         let prefix = prefix.to_ascii_lowercase();
         let mut found = Vec::new();
         let objects = self.root.join("objects");
-        for entry in fs::read_dir(&objects)
-            .with_context(|| format!("cannot read {}", objects.display()))?
+        for entry in
+            fs::read_dir(&objects).with_context(|| format!("cannot read {}", objects.display()))?
         {
             let name = entry?.file_name().to_string_lossy().into_owned();
             if name.starts_with(&prefix) {
@@ -144,7 +146,10 @@ impl Store {
             }
         }
         match found.len() {
-            0 => bail!("no artefact with hash {prefix} in store {}", self.root.display()),
+            0 => bail!(
+                "no artefact with hash {prefix} in store {}",
+                self.root.display()
+            ),
             1 => Ok(found.pop().unwrap()),
             n => bail!("hash prefix {prefix} is ambiguous ({n} artefacts match)"),
         }
@@ -178,7 +183,10 @@ pub fn digest_file(path: &Path) -> Result<OutputDigest> {
         hasher.update(&buf[..n]);
         bytes += n as u64;
     }
-    Ok(OutputDigest { blake3: hasher.finalize().to_hex().to_string(), bytes })
+    Ok(OutputDigest {
+        blake3: hasher.finalize().to_hex().to_string(),
+        bytes,
+    })
 }
 
 fn digest_dir(dir: &Path) -> Result<BTreeMap<String, OutputDigest>> {
@@ -188,7 +196,11 @@ fn digest_dir(dir: &Path) -> Result<BTreeMap<String, OutputDigest>> {
         if !entry.file_type().is_file() {
             continue;
         }
-        let rel = entry.path().strip_prefix(dir)?.to_string_lossy().replace('\\', "/");
+        let rel = entry
+            .path()
+            .strip_prefix(dir)?
+            .to_string_lossy()
+            .replace('\\', "/");
         if rel == MANIFEST {
             continue;
         }
@@ -250,7 +262,10 @@ mod tests {
         let m = store.publish(st, manifest(&key)).unwrap();
         assert!(store.contains(&key));
         assert_eq!(m.outputs["a.txt"].bytes, 5);
-        assert_eq!(m.outputs["a.txt"].blake3, blake3::hash(b"hello").to_hex().to_string());
+        assert_eq!(
+            m.outputs["a.txt"].blake3,
+            blake3::hash(b"hello").to_hex().to_string()
+        );
         store.verify(&key).unwrap();
         assert_eq!(store.resolve(&key[..6]).unwrap(), key);
 
@@ -262,7 +277,19 @@ mod tests {
     fn resolve_rejects_bad_and_missing_hashes() {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();
-        assert!(store.resolve("zz").unwrap_err().to_string().contains("not a step hash"));
-        assert!(store.resolve("abcd").unwrap_err().to_string().contains("no artefact"));
+        assert!(
+            store
+                .resolve("zz")
+                .unwrap_err()
+                .to_string()
+                .contains("not a step hash")
+        );
+        assert!(
+            store
+                .resolve("abcd")
+                .unwrap_err()
+                .to_string()
+                .contains("no artefact")
+        );
     }
 }

@@ -43,7 +43,6 @@ impl std::fmt::Display for BenchResult {
 pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
     let device = crate::default_device();
     let ad = device.clone().autodiff();
-    device.seed(0);
     let raw = synthetic::generate(0, scale.batch_size, 0, scale.image_size);
     let meta = DatasetMeta {
         name: "synthetic".into(),
@@ -64,7 +63,7 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
         mlp_ratio: scale.model.mlp_ratio,
         num_classes: 10,
     };
-    let mut model = Vit::new(&cfg, &ad);
+    let mut model = Vit::new(&cfg, 0, &ad);
     let params = model.num_params();
     let mut optim = adamw();
     let idx: Vec<usize> = (0..raw.train.len()).collect();
@@ -75,7 +74,14 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
     let mut seconds = 0.0;
     for s in 0..steps + 2 {
         let t0 = Instant::now();
-        let xs = views(&raw.train, &idx, wanted, &meta, &mut rng_for(0, 0, s, 1), &ad);
+        let xs = views(
+            &raw.train,
+            &idx,
+            wanted,
+            &meta,
+            &mut rng_for(0, 0, s, 1),
+            &ad,
+        );
         let y = labels(&raw.train, &idx, &ad);
         let ys = Tensor::cat(vec![y; xs.len()], 0);
         let loss = cross_entropy(model.forward(Tensor::cat(xs, 0)), ys);

@@ -7,8 +7,8 @@ pub mod bench;
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use burn::module::{Module, ModuleMapper, Param};
 use burn::grad_clipping::GradientClippingConfig;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
@@ -94,7 +94,10 @@ pub fn labels(set: &ImageSet, idx: &[usize], device: &Device) -> Tensor<1, Int> 
 /// Per-sample cross-entropy ℓ(ŷ, y) = −log σ(ŷ)_y, shape [B].
 pub fn cross_entropy_per_sample(logits: Tensor<2>, y: Tensor<1, Int>) -> Tensor<1> {
     let b = logits.dims()[0];
-    log_softmax(logits, 1).gather(1, y.reshape([b, 1])).reshape([b]).neg()
+    log_softmax(logits, 1)
+        .gather(1, y.reshape([b, 1]))
+        .reshape([b])
+        .neg()
 }
 
 /// Mean cross-entropy over the batch, shape [1].
@@ -104,18 +107,34 @@ pub fn cross_entropy(logits: Tensor<2>, y: Tensor<1, Int>) -> Tensor<1> {
 
 /// The reference `cosine_scheduler`: a linear warm-up from `start` to `base` over
 /// `warmup_epochs`, then a cosine from `base` to `final_value`; one value per iteration.
-pub fn cosine_schedule(base: f64, final_value: f64, epochs: usize, iters: usize, warmup_epochs: usize, start: f64) -> Vec<f64> {
+pub fn cosine_schedule(
+    base: f64,
+    final_value: f64,
+    epochs: usize,
+    iters: usize,
+    warmup_epochs: usize,
+    start: f64,
+) -> Vec<f64> {
     let total = epochs * iters;
     let warm = (warmup_epochs * iters).min(total);
     let mut out = Vec::with_capacity(total);
     for i in 0..warm {
         // np.linspace(start, base, warm): both end points included.
-        let t = if warm > 1 { i as f64 / (warm - 1) as f64 } else { 1.0 };
+        let t = if warm > 1 {
+            i as f64 / (warm - 1) as f64
+        } else {
+            1.0
+        };
         out.push(start + (base - start) * t);
     }
     let rest = total - warm;
     for i in 0..rest {
-        out.push(final_value + 0.5 * (base - final_value) * (1.0 + (std::f64::consts::PI * i as f64 / rest as f64).cos()));
+        out.push(
+            final_value
+                + 0.5
+                    * (base - final_value)
+                    * (1.0 + (std::f64::consts::PI * i as f64 / rest as f64).cos()),
+        );
     }
     out
 }
@@ -133,8 +152,11 @@ impl ModuleMapper for Decay {
         }
         let f = self.factor;
         param.map(|t| {
+            // Update on the inner (non-autodiff) tensor, then lift it back as a leaf, as the
+            // optimisers do.
             let grad = t.is_require_grad();
-            t.detach().mul_scalar(f).set_require_grad(grad)
+            let lifted = Tensor::from_inner(t.inner().mul_scalar(f));
+            if grad { lifted.require_grad() } else { lifted }
         })
     }
 }
@@ -178,7 +200,13 @@ pub struct Supervised<'a> {
 /// Mean training loss per epoch.
 pub type LossLog = Vec<f64>;
 
-pub fn train_supervised(mut model: Vit, set: &ImageSet, meta: &DatasetMeta, cfg: &Supervised, device: &Device) -> Result<(Vit, LossLog)> {
+pub fn train_supervised(
+    mut model: Vit,
+    set: &ImageSet,
+    meta: &DatasetMeta,
+    cfg: &Supervised,
+    device: &Device,
+) -> Result<(Vit, LossLog)> {
     let mut optim = adamw();
     let iters = iters_per_epoch(set.len(), cfg.batch_size);
     let progress = Progress::new(cfg.label, (cfg.epochs * iters) as u64);
@@ -187,7 +215,10 @@ pub fn train_supervised(mut model: Vit, set: &ImageSet, meta: &DatasetMeta, cfg:
     for epoch in 0..cfg.epochs {
         let mut sum = 0.0;
         let mut count = 0usize;
-        for (bi, batch) in epoch_batches(set.len(), cfg.batch_size, cfg.seed, epoch).iter().enumerate() {
+        for (bi, batch) in epoch_batches(set.len(), cfg.batch_size, cfg.seed, epoch)
+            .iter()
+            .enumerate()
+        {
             let mut rng = rng_for(cfg.seed, epoch, bi, 0xA06);
             let xs = views(set, batch, cfg.views, meta, &mut rng, device);
             let y = labels(set, batch, device);
@@ -196,18 +227,28 @@ pub fn train_supervised(mut model: Vit, set: &ImageSet, meta: &DatasetMeta, cfg:
             let loss = cross_entropy(model.forward(x), ys);
             let value: f32 = loss.clone().into_scalar::<f32>();
             if !value.is_finite() {
-                bail!("{}: non-finite training loss {value} at epoch {epoch}, batch {bi}", cfg.label);
+                bail!(
+                    "{}: non-finite training loss {value} at epoch {epoch}, batch {bi}",
+                    cfg.label
+                );
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let lr = cfg.lr[it];
             model = optim.step(lr, model, grads);
             if cfg.wd[it] > 0.0 {
-                model = model.map(&mut Decay { factor: 1.0 - lr * cfg.wd[it] });
+                model = model.map(&mut Decay {
+                    factor: 1.0 - lr * cfg.wd[it],
+                });
             }
             sum += value as f64;
             count += 1;
             it += 1;
-            progress.inc(format!("epoch {}/{} loss {:.3}", epoch + 1, cfg.epochs, sum / count as f64));
+            progress.inc(format!(
+                "epoch {}/{} loss {:.3}",
+                epoch + 1,
+                cfg.epochs,
+                sum / count as f64
+            ));
         }
         log.push(sum / count.max(1) as f64);
         tracing::debug!(step = cfg.label, epoch, loss = log[epoch], "epoch done");
@@ -217,13 +258,21 @@ pub fn train_supervised(mut model: Vit, set: &ImageSet, meta: &DatasetMeta, cfg:
 }
 
 /// Argmax class and max softmax probability of every image (unaugmented), in order.
-pub fn predict(model: &Vit, set: &ImageSet, meta: &DatasetMeta, batch: usize, device: &Device) -> Vec<(usize, f32)> {
+pub fn predict(
+    model: &Vit,
+    set: &ImageSet,
+    meta: &DatasetMeta,
+    batch: usize,
+    device: &Device,
+) -> Vec<(usize, f32)> {
     let model = model.valid();
     let mut out = Vec::with_capacity(set.len());
     let idx: Vec<usize> = (0..set.len()).collect();
     let mut rng = rng_for(0, 0, 0, 0);
     for chunk in idx.chunks(batch) {
-        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device).pop().unwrap();
+        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device)
+            .pop()
+            .unwrap();
         let p = softmax(model.forward(x), 1);
         let (mx, am) = p.max_dim_with_indices(1);
         let mx: Vec<f32> = mx.to_data().convert::<f32>().try_to_vec().unwrap();
@@ -238,7 +287,11 @@ pub fn accuracy(pred: &[(usize, f32)], set: &ImageSet) -> f64 {
     if pred.is_empty() {
         return 0.0;
     }
-    let ok = pred.iter().zip(&set.labels).filter(|((p, _), l)| *p == **l as usize).count();
+    let ok = pred
+        .iter()
+        .zip(&set.labels)
+        .filter(|((p, _), l)| *p == **l as usize)
+        .count();
     100.0 * ok as f64 / pred.len() as f64
 }
 
@@ -290,26 +343,41 @@ impl PretrainParams {
 
 /// Writes `model.safetensors`, `config.json` and `train_log.json` (loss per epoch and
 /// accuracy on the clean test split).
-pub fn run_pretrain_step(p: &PretrainParams, dataset_dir: &Path, out: &Path, device: &Device) -> Result<f64> {
+pub fn run_pretrain_step(
+    p: &PretrainParams,
+    dataset_dir: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<f64> {
     let meta = crate::data::load_meta(dataset_dir)?;
     let set = ImageSet::load(&dataset_dir.join("pretrain.safetensors"))?;
     if set.is_empty() {
         bail!("the pretrain split is empty: set data.pretrain in the scale");
     }
     let cfg = p.vit_config(meta.num_classes());
-    device.seed(p.seed);
     let ad = device.clone().autodiff();
-    let model = Vit::new(&cfg, &ad);
+    let model = Vit::new(&cfg, p.seed, &ad);
     let iters = iters_per_epoch(set.len(), p.batch_size);
     let lr = cosine_schedule(p.lr, p.min_lr, p.epochs, iters, p.warmup_epochs, 0.0);
     let wd = vec![p.weight_decay; lr.len()];
-    let sup = Supervised { label: "pretrain", epochs: p.epochs, batch_size: p.batch_size, views: &[View::Crop], lr, wd, seed: p.seed };
+    let sup = Supervised {
+        label: "pretrain",
+        epochs: p.epochs,
+        batch_size: p.batch_size,
+        views: &[View::Crop],
+        lr,
+        wd,
+        seed: p.seed,
+    };
     let (model, log) = train_supervised(model, &set, &meta, &sup, &ad)?;
     let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
     let acc = accuracy(&predict(&model, &test, &meta, 256, device), &test);
     crate::models::save_vit(&model.valid(), &cfg, out)?;
     let info = serde_json::json!({ "loss_per_epoch": log, "clean_test_accuracy": acc });
-    crate::store::write_synced(&out.join("train_log.json"), serde_json::to_string_pretty(&info)?.as_bytes())?;
+    crate::store::write_synced(
+        &out.join("train_log.json"),
+        serde_json::to_string_pretty(&info)?.as_bytes(),
+    )?;
     Ok(acc)
 }
 
@@ -334,9 +402,15 @@ mod tests {
     #[test]
     fn cross_entropy_on_hand_computed_values() {
         let device = Device::flex();
-        let logits = Tensor::<2>::from_data(TensorData::new(vec![0.0f32, 0.0, (3.0f32).ln(), 0.0], [2, 2]), &device);
+        let logits = Tensor::<2>::from_data(
+            TensorData::new(vec![0.0f32, 0.0, (3.0f32).ln(), 0.0], [2, 2]),
+            &device,
+        );
         let y = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 0], [2]), &device);
-        let ce: Vec<f32> = cross_entropy_per_sample(logits, y).to_data().try_to_vec().unwrap();
+        let ce: Vec<f32> = cross_entropy_per_sample(logits, y)
+            .to_data()
+            .try_to_vec()
+            .unwrap();
         // Row 0: -ln(1/2); row 1: -ln(3/4).
         assert!((ce[0] - 2f32.ln()).abs() < 1e-6);
         assert!((ce[1] - (4.0f32 / 3.0).ln()).abs() < 1e-6);

@@ -1,0 +1,283 @@
+//! End-to-end behaviour of the `ieu-bench` binary at smoke scale.
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn bin() -> Command {
+    let mut c = Command::cargo_bin("ieu-bench").unwrap();
+    c.env_remove("IEU_STORE")
+        .env_remove("IEU_DATA_DIR")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+fn stdout(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn shared_data() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    p.join("cifar-10-batches-bin/data_batch_1.bin")
+        .is_file()
+        .then_some(p)
+}
+
+#[test]
+fn smoke_run_then_fully_cached_rerun() {
+    let store = tempfile::tempdir().unwrap();
+    let s = store.path().to_str().unwrap();
+
+    let plan = stdout(bin().args(["run", "--scale", "smoke", "--store", s, "--dry-run"]));
+    assert!(
+        plan.contains("plan: 14 steps, 0 cached, 14 to run"),
+        "{plan}"
+    );
+
+    let first = stdout(bin().args(["run", "--scale", "smoke", "--store", s]));
+    assert!(
+        first.contains("done: 14 steps, 14 run, 0 cached"),
+        "{first}"
+    );
+    // One CSV row per grid cell with the required columns.
+    let csv = stdout(bin().args([
+        "report", "--scale", "smoke", "--store", s, "--format", "csv",
+    ]));
+    let mut lines = csv.lines();
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("dataset,attack,defence,asr,ca")
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    for r in &rows {
+        let f: Vec<&str> = r.split(',').collect();
+        let asr: f64 = f[3].parse().unwrap();
+        let ca: f64 = f[4].parse().unwrap();
+        assert!(
+            (0.0..=100.0).contains(&asr) && (0.0..=100.0).contains(&ca),
+            "{r}"
+        );
+        if f[2] == "ieu" {
+            assert!(
+                !f[5].is_empty() && !f[6].is_empty(),
+                "IEU rows carry FPR/FNR: {r}"
+            );
+        }
+    }
+
+    // Everything cached: nothing trains, the dry run says so.
+    let again = stdout(bin().args(["run", "--scale", "smoke", "--store", s]));
+    assert!(
+        again.contains("done: 14 steps, 0 run, 14 cached"),
+        "{again}"
+    );
+    let plan = stdout(bin().args(["run", "--scale", "smoke", "--store", s, "--dry-run"]));
+    assert!(
+        plan.contains("plan: 14 steps, 14 cached, 0 to run"),
+        "{plan}"
+    );
+
+    // Markdown mirrors the table layout, with an averages row.
+    let md = stdout(bin().args(["report", "--scale", "smoke", "--store", s]));
+    assert!(
+        md.contains("| Dataset | Attack |") && md.contains("none ASR") && md.contains("ieu CA"),
+        "{md}"
+    );
+    assert!(md.contains("*Average*"), "{md}");
+
+    // `show` prints a manifest found by a hash prefix, and its outputs verify.
+    let key = rows[1].rsplit(',').next().unwrap();
+    let show = stdout(bin().args(["show", &key[..10], "--store", s, "--verify"]));
+    assert!(
+        show.contains("\"kind\": \"evaluate\"")
+            && show.contains("metrics.json")
+            && show.contains("verified"),
+        "{show}"
+    );
+}
+
+#[test]
+fn same_spec_same_metrics() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let args = |s: &Path| {
+        vec![
+            "run".to_string(),
+            "--scale".into(),
+            "smoke".into(),
+            "--store".into(),
+            s.display().to_string(),
+            "--only".into(),
+            "attack=badnets-white".into(),
+        ]
+    };
+    stdout(bin().args(args(a.path())));
+    stdout(bin().args(args(b.path())));
+    let csv = |s: &Path| {
+        stdout(
+            bin()
+                .args([
+                    "report",
+                    "--scale",
+                    "smoke",
+                    "--format",
+                    "csv",
+                    "--only",
+                    "attack=badnets-white",
+                    "--store",
+                ])
+                .arg(s),
+        )
+    };
+    assert_eq!(csv(a.path()), csv(b.path()));
+}
+
+#[test]
+fn bad_spec_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("bad.yaml");
+    std::fs::write(
+        &spec,
+        "name: x\ntitle: X\ndefaults: { poison_rate: 0.1, colour: red }\ngrid: { dataset: [synthetic], attack: [badnets-white], defence: [none] }\nreport: { rows: [dataset, attack], columns: defence, metrics: [asr] }\n",
+    )
+    .unwrap();
+    bin()
+        .args(["run"])
+        .arg(&spec)
+        .args(["--store"])
+        .arg(dir.path().join("st"))
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("bad.yaml")
+                .and(predicate::str::contains("colour"))
+                .and(predicate::str::contains("panicked").not()),
+        );
+}
+
+#[test]
+fn unimplemented_names_need_filtering() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table3.yaml");
+    bin()
+        .args(["run"])
+        .arg(&spec)
+        .args(["--dry-run", "--store"])
+        .arg(dir.path())
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "not implemented yet: dataset gtsrb",
+        ));
+    bin()
+        .args(["run"])
+        .arg(&spec)
+        .args([
+            "--dry-run",
+            "--only",
+            "dataset=cifar10",
+            "--only",
+            "attack=badnets-white",
+            "--only",
+            "defence=abl",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .arg("--store")
+        .arg(dir.path())
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("not implemented yet: defence abl"));
+}
+
+#[test]
+fn missing_dataset_says_what_is_expected_where() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table3.yaml");
+    bin()
+        .args(["run"])
+        .arg(&spec)
+        .args([
+            "--only",
+            "dataset=cifar10",
+            "--only",
+            "attack=badnets-white",
+            "--only",
+            "defence=none",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .arg("--store")
+        .arg(dir.path().join("st"))
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("CIFAR-10 not found")
+                .and(predicate::str::contains("cifar-10-batches-bin")),
+        );
+}
+
+#[test]
+fn cli_mistakes_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    bin()
+        .args(["run", "--scale", "huge", "--store"])
+        .arg(dir.path())
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("unknown scale 'huge'"));
+    bin()
+        .args(["run", "--only", "colour=red", "--store"])
+        .arg(dir.path())
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("unknown axis 'colour'"));
+    bin()
+        .args(["show", "abcdef", "--store"])
+        .arg(dir.path())
+        .assert()
+        .code(1);
+}
+
+#[test]
+fn real_cifar10_smoke_slice() {
+    let Some(data) = shared_data() else {
+        eprintln!("skipped: ../shared/data/cifar-10-batches-bin not present");
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table3.yaml");
+    let out = stdout(
+        bin()
+            .args(["run"])
+            .arg(&spec)
+            .args([
+                "--scale",
+                "smoke",
+                "--only",
+                "dataset=cifar10",
+                "--only",
+                "attack=badnets-white",
+                "--only",
+                "defence=none,ieu",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .arg("--store")
+            .arg(store.path()),
+    );
+    assert!(
+        out.contains("cifar10,badnets-white,none") && out.contains("cifar10,badnets-white,ieu"),
+        "{out}"
+    );
+}
