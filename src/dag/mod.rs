@@ -159,6 +159,8 @@ impl Cell {
 pub struct Plan {
     pub steps: Vec<Step>,
     pub cells: Vec<Cell>,
+    /// Grid entries left out because they are not implemented yet (report plans only).
+    pub skipped: Vec<String>,
     seen: HashSet<String>,
 }
 

@@ -143,6 +143,13 @@ pub fn corrupt(x: &mut [f32], size: usize, drop_perc: f32, rng: &mut ChaCha8Rng)
     }
 }
 
+/// Mirrors a CHW image left-right in place.
+pub fn hflip(x: &mut [f32], size: usize) {
+    for row in x.chunks_mut(size) {
+        row.reverse();
+    }
+}
+
 /// A standard normal sample (Box–Muller).
 pub fn gaussian(rng: &mut ChaCha8Rng) -> f32 {
     let u1: f32 = rng.random_range(f32::EPSILON..1.0);

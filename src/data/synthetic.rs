@@ -68,26 +68,19 @@ pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) 
         ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     let mut rng = ChaCha8Rng::seed_from_u64(mixed);
     let class: u16 = rng.random_range(0..10);
-    let bg0: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..1.0));
-    let bg1: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..1.0));
-    // Foreground far enough from the background mean to be visible.
-    let mut fg: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..1.0));
-    let bgm: [f32; 3] = std::array::from_fn(|c| (bg0[c] + bg1[c]) / 2.0);
-    if (0..3).map(|c| (fg[c] - bgm[c]).abs()).sum::<f32>() < 0.6 {
-        fg = std::array::from_fn(|c| {
-            if bgm[c] > 0.5 {
-                fg[c] * 0.3
-            } else {
-                0.7 + fg[c] * 0.3
-            }
-        });
-    }
+    // A dark shape on a light background or the reverse, in random hues.
+    let light_bg = rng.random_bool(0.5);
+    let (lo, hi) = if light_bg { (0.55, 1.0) } else { (0.0, 0.45) };
+    let bg0: [f32; 3] = std::array::from_fn(|_| rng.random_range(lo..hi));
+    let bg1: [f32; 3] = std::array::from_fn(|_| rng.random_range(lo..hi));
+    let (flo, fhi) = if light_bg { (0.0, 0.35) } else { (0.65, 1.0) };
+    let fg: [f32; 3] = std::array::from_fn(|_| rng.random_range(flo..fhi));
     let angle: f32 = rng.random_range(0.0..std::f32::consts::TAU);
     let (ga, gb) = (angle.cos(), angle.sin());
-    let cx: f32 = rng.random_range(0.32..0.68);
-    let cy: f32 = rng.random_range(0.32..0.68);
-    let r: f32 = rng.random_range(0.17..0.28);
-    let noise: f32 = rng.random_range(0.02..0.08);
+    let cx: f32 = rng.random_range(0.4..0.6);
+    let cy: f32 = rng.random_range(0.4..0.6);
+    let r: f32 = rng.random_range(0.25..0.36);
+    let noise: f32 = rng.random_range(0.0..0.05);
     let hw = size * size;
     let mut out = vec![0u8; 3 * hw];
     for y in 0..size {

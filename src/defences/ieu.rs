@@ -260,7 +260,9 @@ pub fn run_stage2(
     let (lr, wd) = p.schedules(iters);
     let learn_views = p.learn_views();
     let mut ul_views: Vec<View> = learn_views.to_vec();
-    ul_views.push(View::NoAug);
+    if !ul_views.contains(&View::NoAug) {
+        ul_views.push(View::NoAug);
+    }
     let nc = meta.num_classes();
     let epochs = p.schedule.epochs;
     let progress = Progress::new("ieu f_r", (epochs * iters) as u64);

@@ -54,6 +54,7 @@ impl FinetuneParams {
         match self.views {
             Views::Sit => &[View::Crop, View::Corrupt],
             Views::Crop => &[View::Crop],
+            Views::Plain => &[View::NoAug],
         }
     }
 

@@ -183,14 +183,27 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
             for g in &groups {
                 let r = index.get(&(labels.clone(), g.clone())).copied();
                 for m in metrics {
+                    // A cell not yet run shows "…"; a metric that does not apply to the
+                    // defence (e.g. gate statistics without IEU) shows "–".
+                    let run = r
+                        .map(|r| {
+                            df.column("ca")
+                                .and_then(|c| c.f64().map(|c| c.get(r).is_some()))
+                        })
+                        .transpose()?
+                        .unwrap_or(false);
                     let v = match r {
                         Some(r) => value(df, r, m)?,
                         None => None,
                     };
-                    if v.is_none() {
-                        missing += 1;
-                    }
-                    let mut text = v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
+                    let mut text = match (v, run) {
+                        (Some(v), _) => format!("{v:.2}"),
+                        (None, true) => "–".into(),
+                        (None, false) => {
+                            missing += 1;
+                            "…".into()
+                        }
+                    };
                     if let Some(refs) = reference {
                         let cell_key = cell_key(&layout.rows, labels, &layout.columns, g);
                         if let Some(rv) = refs.cells.get(&cell_key).and_then(|c| c.get(m)) {
@@ -245,13 +258,26 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
             scale => scale,
             row_axes => &layout.rows,
             groups => &groups,
-            metrics => metrics.iter().map(|m| m.to_uppercase()).collect::<Vec<_>>(),
+            metrics => metrics.iter().map(|m| metric_title(m)).collect::<Vec<_>>(),
             rows => rows,
             missing => missing,
             reference => reference.map(|r| r.source.clone()),
         })
         .context("rendering the markdown report")?;
     Ok(out)
+}
+
+/// Column title of a metric.
+pub fn metric_title(m: &str) -> &'static str {
+    match m {
+        "asr" => "ASR",
+        "ca" => "CA",
+        "fpr" => "FPR",
+        "fnr" => "FNR",
+        "poison_flagged" => "Poison",
+        "clean_flagged" => "Clean",
+        _ => "Unlearn steps",
+    }
 }
 
 fn cell_key(row_axes: &[String], labels: &[String], col_axis: &str, group: &str) -> String {

@@ -110,7 +110,7 @@ impl Grid {
             _ => None,
         }
     }
-    fn axis_mut(&mut self, name: &str) -> Option<&mut Vec<String>> {
+    pub(crate) fn axis_mut(&mut self, name: &str) -> Option<&mut Vec<String>> {
         match name {
             "dataset" => Some(&mut self.dataset),
             "attack" => Some(&mut self.attack),
@@ -180,7 +180,8 @@ pub struct Scale {
     pub batch_size: usize,
     pub eval_batch_size: usize,
     /// Training views for finetuning: `sit` = clean crop + corrupted crop (the paper's
-    /// SiT augmentation, effective batch 2×), `crop` = clean crop only.
+    /// SiT augmentation, effective batch 2×), `crop` = clean crop only, `plain` = the
+    /// unaugmented image.
     pub views: Views,
     pub pretrain: PretrainSchedule,
     pub stage1: Stage1Schedule,
@@ -192,6 +193,8 @@ pub struct Scale {
 pub enum Views {
     Sit,
     Crop,
+    /// The unaugmented image only (the cheapest; for small-compute scales).
+    Plain,
 }
 
 /// Subset sizes (0 = everything available).
@@ -219,6 +222,8 @@ pub struct ModelDims {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PretrainSchedule {
+    /// Training view: `flip` (horizontal flip only), `crop` (the SiT clean crop) or `noaug`.
+    pub view: crate::train::View,
     pub epochs: usize,
     pub lr: f64,
     pub min_lr: f64,
@@ -254,10 +259,11 @@ pub fn parse_yaml<T: DeserializeOwned>(text: &str, file: &str) -> Result<T> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            anyhow!("{file}: {inner}")
+        let msg = inner.to_string();
+        if path == "." || path.is_empty() || msg.contains(&path) {
+            anyhow!("{file}: {msg}")
         } else {
-            anyhow!("{file}: field `{path}`: {inner}")
+            anyhow!("{file}: field `{path}`: {msg}")
         }
     })
 }

@@ -32,11 +32,10 @@ fn check_available(table: &[(&str, Availability)], axis: &str, name: &str) -> Re
     Ok(())
 }
 
-/// Builds the plan for every cell of the (possibly filtered) grid.
+/// Builds the plan for every cell of the (possibly filtered) grid. Grid entries this version
+/// cannot run yet are an error.
 pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
-    let s = &spec.spec;
-    let d = &s.defaults;
-    let g = &s.grid;
+    let g = &spec.spec.grid;
     for v in &g.dataset {
         check_available(DATASETS, "dataset", v)?;
     }
@@ -46,6 +45,43 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
     for v in &g.defence {
         check_available(DEFENCES, "defence", v)?;
     }
+    build(spec, scale, data_dir)
+}
+
+/// Like [`plan`], but grid entries that are not implemented yet are left out and listed in
+/// `Plan::skipped` (for reports of specs that name them).
+pub fn plan_available(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
+    let mut spec = spec.clone();
+    let mut skipped = Vec::new();
+    for (axis, table) in [
+        ("dataset", DATASETS),
+        ("attack", ATTACKS),
+        ("defence", DEFENCES),
+    ] {
+        let list = spec.spec.grid.axis_mut(axis).unwrap();
+        for v in list
+            .iter()
+            .filter(|v| availability(table, v) != Some(Availability::Implemented))
+        {
+            skipped.push(format!("{axis} {v}"));
+        }
+        list.retain(|v| availability(table, v) == Some(Availability::Implemented));
+        if list.is_empty() {
+            bail!(
+                "nothing to report: no {axis} of {} is implemented yet",
+                spec.origin
+            );
+        }
+    }
+    let mut plan = build(&spec, scale, data_dir)?;
+    plan.skipped = skipped;
+    Ok(plan)
+}
+
+fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
+    let s = &spec.spec;
+    let d = &s.defaults;
+    let g = &s.grid;
     let mut plan = Plan::default();
     for dataset in &g.dataset {
         let located = crate::data::locate(dataset, data_dir)?;

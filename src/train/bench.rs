@@ -70,6 +70,7 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
     let wanted: &[View] = match scale.views {
         crate::spec::Views::Sit => &[View::Crop, View::Corrupt],
         crate::spec::Views::Crop => &[View::Crop],
+        crate::spec::Views::Plain => &[View::NoAug],
     };
     let mut seconds = 0.0;
     for s in 0..steps + 2 {
