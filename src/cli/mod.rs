@@ -79,6 +79,25 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Draw every attack on a test image (clean, poisoned, amplified difference) into a PNG.
+    Preview {
+        /// Output PNG file.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "synthetic")]
+        dataset: String,
+        #[arg(long, env = "IEU_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Image size is the scale's.
+        #[arg(long, default_value = "cpu")]
+        scale: String,
+        /// Attacks to draw (default: all implemented).
+        #[arg(long = "attack")]
+        attacks: Vec<String>,
+        /// Index among the non-target test images.
+        #[arg(long, default_value_t = 0)]
+        index: usize,
+    },
     /// Measure training-step throughput (images/s) of a scale's ViT on this backend.
     Bench {
         #[arg(long, default_value = "cpu")]
@@ -200,6 +219,64 @@ pub fn main(cli: Cli) -> Result<()> {
                 store.verify(&key)?;
                 println!("verified: every output matches its digest");
             }
+            Ok(())
+        }
+        Command::Preview {
+            out,
+            dataset,
+            data_dir,
+            scale,
+            attacks,
+            index,
+        } => {
+            let scale = crate::spec::load_scale(
+                crate::spec::DEFAULT_SCALES,
+                "<embedded experiments/scales.yaml>",
+                &scale,
+            )?;
+            let size = scale.image_size;
+            let test = match dataset.as_str() {
+                "synthetic" => crate::data::synthetic::generate(0, 0, 200, size).test,
+                "cifar10" => {
+                    let dir = crate::data::cifar10::find(data_dir.as_deref())?;
+                    crate::data::resize_set(&crate::data::cifar10::load(&dir)?.test, size)
+                }
+                other => bail!("not implemented yet: dataset {other}"),
+            };
+            let target = 1;
+            let pick = (0..test.len())
+                .filter(|&i| test.labels[i] as usize != target)
+                .nth(index);
+            let Some(i) = pick else {
+                bail!("--index {index}: not enough test images")
+            };
+            let attacks = if attacks.is_empty() {
+                let all: Vec<String> = crate::spec::ATTACKS
+                    .iter()
+                    .filter(|(_, a)| *a == crate::spec::Availability::Implemented)
+                    .map(|(n, _)| n.to_string())
+                    .collect();
+                let missing: Vec<&str> = crate::spec::ATTACKS
+                    .iter()
+                    .filter(|(_, a)| *a != crate::spec::Availability::Implemented)
+                    .map(|(n, _)| *n)
+                    .collect();
+                if !missing.is_empty() {
+                    eprintln!(
+                        "note: not implemented yet, not drawn: {}",
+                        missing.join(", ")
+                    );
+                }
+                all
+            } else {
+                attacks
+            };
+            crate::report::preview::write_preview(test.image(i), size, &attacks, target, &out)?;
+            println!(
+                "wrote {} ({} attacks on {dataset} test image {i}, {size}x{size})",
+                out.display(),
+                attacks.len()
+            );
             Ok(())
         }
         Command::Bench { scale, steps } => {

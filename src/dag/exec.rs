@@ -181,10 +181,14 @@ impl Executor {
             }
             Kind::Poison => {
                 let p: crate::attacks::PoisonParams = step.params()?;
+                let files = crate::attacks::TriggerFiles {
+                    trigger: step.locators.get("trigger_file").cloned(),
+                    mask: step.locators.get("mask_file").cloned(),
+                };
                 let n = crate::attacks::run_poison_step(
                     &p,
                     &self.input(step, "dataset")?,
-                    step.locators.get("trigger_file"),
+                    &files,
                     out,
                 )?;
                 tracing::info!("    {} poisoned training images", n);

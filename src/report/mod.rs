@@ -1,5 +1,7 @@
 //! Reports: Polars collects the metrics of every grid cell; minijinja renders the tables.
 
+pub mod preview;
+
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};

@@ -63,12 +63,100 @@ impl Default for Defaults {
     }
 }
 
+/// Per-attack settings; every field has the paper's default. `trigger_file` / `mask_file`
+/// paths are relative to the spec file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AttackDefaults {
     #[serde(rename = "badnets-white")]
     pub badnets_white: crate::attacks::badnets::BadnetsWhite,
-    pub blended: crate::attacks::blended::BlendedSpec,
+    #[serde(rename = "badnets-pattern")]
+    pub badnets_pattern: crate::attacks::badnets::BadnetsPattern,
+    pub blended: BlendedSpec,
+    #[serde(rename = "trojan-sq")]
+    pub trojan_sq: FileSpec,
+    #[serde(rename = "trojan-wm")]
+    pub trojan_wm: FileSpec,
+    #[serde(rename = "l0-inv")]
+    pub l0_inv: L0Spec,
+    #[serde(rename = "l2-inv")]
+    pub l2_inv: L2Spec,
+    pub smooth: SmoothSpec,
+    pub sig: crate::attacks::sig::Sig,
+    pub batt: crate::attacks::batt::Batt,
+    pub wanet: crate::attacks::wanet::Wanet,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlendedSpec {
+    pub alpha: f64,
+    pub trigger_file: Option<String>,
+}
+
+impl Default for BlendedSpec {
+    fn default() -> Self {
+        Self {
+            alpha: 0.4,
+            trigger_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileSpec {
+    pub trigger_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L0Spec {
+    pub pixels: usize,
+    pub trigger_file: Option<String>,
+    pub mask_file: Option<String>,
+}
+
+impl Default for L0Spec {
+    fn default() -> Self {
+        Self {
+            pixels: 9,
+            trigger_file: None,
+            mask_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L2Spec {
+    pub l2_norm: f64,
+    pub trigger_file: Option<String>,
+}
+
+impl Default for L2Spec {
+    fn default() -> Self {
+        Self {
+            l2_norm: 3.0,
+            trigger_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmoothSpec {
+    pub max: f64,
+    pub trigger_file: Option<String>,
+}
+
+impl Default for SmoothSpec {
+    fn default() -> Self {
+        Self {
+            max: 0.2,
+            trigger_file: None,
+        }
+    }
 }
 
 /// IEU settings (paper Table 11 defaults for CIFAR10/TinyImageNet).
@@ -405,6 +493,52 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             "{file}: field `defaults.attacks.badnets-white.size_frac`: {} is not in (0, 0.5]",
             d.attacks.badnets_white.size_frac
         );
+    }
+    let a = &d.attacks;
+    let in01 = |v: f64| v > 0.0 && v <= 1.0;
+    for (field, v, ok) in [
+        (
+            "badnets-pattern.size_frac",
+            a.badnets_pattern.size_frac,
+            a.badnets_pattern.size_frac > 0.0 && a.badnets_pattern.size_frac <= 0.5,
+        ),
+        (
+            "l2-inv.l2_norm",
+            a.l2_inv.l2_norm,
+            a.l2_inv.l2_norm > 0.0 && a.l2_inv.l2_norm.is_finite(),
+        ),
+        ("smooth.max", a.smooth.max, in01(a.smooth.max)),
+        ("sig.alpha", a.sig.alpha, in01(a.sig.alpha)),
+        (
+            "sig.freq",
+            a.sig.freq,
+            a.sig.freq > 0.0 && a.sig.freq.is_finite(),
+        ),
+        (
+            "batt.degrees",
+            a.batt.degrees,
+            a.batt.degrees.is_finite() && a.batt.degrees != 0.0,
+        ),
+        (
+            "wanet.s",
+            a.wanet.s,
+            a.wanet.s >= 0.0 && a.wanet.s.is_finite(),
+        ),
+        (
+            "wanet.cross_ratio",
+            a.wanet.cross_ratio,
+            a.wanet.cross_ratio >= 0.0 && a.wanet.cross_ratio.is_finite(),
+        ),
+        ("wanet.k", a.wanet.k as f64, a.wanet.k >= 2),
+        (
+            "l0-inv.pixels",
+            a.l0_inv.pixels as f64,
+            a.l0_inv.pixels >= 1,
+        ),
+    ] {
+        if !ok {
+            bail!("{file}: field `defaults.attacks.{field}`: {v} is out of range");
+        }
     }
     for (axis, known) in [
         ("dataset", DATASETS),

@@ -19,17 +19,17 @@ pub const DATASETS: &[(&str, Availability)] = &[
 
 pub const ATTACKS: &[(&str, Availability)] = &[
     ("badnets-white", Implemented),
-    ("badnets-pattern", NotYet),
+    ("badnets-pattern", Implemented),
     ("blended", Implemented),
-    ("trojan-sq", NotYet),
-    ("trojan-wm", NotYet),
-    ("l0-inv", NotYet),
-    ("l2-inv", NotYet),
-    ("smooth", NotYet),
-    ("sig", NotYet),
+    ("trojan-sq", Implemented),
+    ("trojan-wm", Implemented),
+    ("l0-inv", Implemented),
+    ("l2-inv", Implemented),
+    ("smooth", Implemented),
+    ("sig", Implemented),
     ("issba", NotYet),
-    ("batt", NotYet),
-    ("wanet", NotYet),
+    ("batt", Implemented),
+    ("wanet", Implemented),
     ("cat", NotYet),
 ];
 

@@ -5,7 +5,7 @@
 //!          └─ pretrain ──────────────────┘ (f_r and f_p start from it)
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
@@ -114,34 +114,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
         )?);
 
         for attack in &g.attack {
-            let mut trigger_path = None;
-            let attack_params = match attack.as_str() {
-                "badnets-white" => AttackParams::BadnetsWhite(d.attacks.badnets_white.clone()),
-                "blended" => {
-                    let b = &d.attacks.blended;
-                    let digest = match &b.trigger_file {
-                        Some(f) => {
-                            let path = spec.dir.join(f);
-                            if !path.is_file() {
-                                bail!(
-                                    "{}: field `defaults.attacks.blended.trigger_file`: {} does not exist",
-                                    spec.origin,
-                                    path.display()
-                                );
-                            }
-                            let digest = crate::store::digest_file(&path)?.blake3;
-                            trigger_path = Some(path);
-                            Some(digest)
-                        }
-                        None => None,
-                    };
-                    AttackParams::Blended {
-                        alpha: b.alpha,
-                        trigger_digest: digest,
-                    }
-                }
-                other => bail!("not implemented yet: attack {other}"),
-            };
+            let (attack_params, locators) = attack_params(spec, attack)?;
             let pp = PoisonParams {
                 attack: attack_params,
                 poison_rate: d.poison_rate,
@@ -154,8 +127,8 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                 &pp,
                 inputs(&[("dataset", &data_key)]),
             )?;
-            if let Some(p) = trigger_path {
-                step = step.with_locator("trigger_file", p);
+            for (name, path) in locators {
+                step = step.with_locator(name, path);
             }
             let poison_key = plan.add(step);
 
@@ -214,4 +187,95 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
         }
     }
     Ok(plan)
+}
+
+/// A trigger file named by the spec: its path and content digest.
+fn spec_file(
+    spec: &LoadedSpec,
+    field: &str,
+    file: &Option<String>,
+) -> Result<Option<(PathBuf, String)>> {
+    let Some(f) = file else { return Ok(None) };
+    let path = spec.dir.join(f);
+    if !path.is_file() {
+        bail!(
+            "{}: field `defaults.attacks.{field}`: {} does not exist",
+            spec.origin,
+            path.display()
+        );
+    }
+    let digest = crate::store::digest_file(&path)?.blake3;
+    Ok(Some((path, digest)))
+}
+
+/// The attack's step parameters and the files it reads (as step locators).
+fn attack_params(
+    spec: &LoadedSpec,
+    attack: &str,
+) -> Result<(AttackParams, Vec<(&'static str, PathBuf)>)> {
+    let a = &spec.spec.defaults.attacks;
+    let mut files = Vec::new();
+    let mut file =
+        |field: &str, role: &'static str, f: &Option<String>| -> Result<Option<String>> {
+            Ok(spec_file(spec, field, f)?.map(|(path, digest)| {
+                files.push((role, path));
+                digest
+            }))
+        };
+    let p = match attack {
+        "badnets-white" => AttackParams::BadnetsWhite(a.badnets_white.clone()),
+        "badnets-pattern" => AttackParams::BadnetsPattern(a.badnets_pattern.clone()),
+        "blended" => AttackParams::Blended {
+            alpha: a.blended.alpha,
+            trigger_digest: file(
+                "blended.trigger_file",
+                "trigger_file",
+                &a.blended.trigger_file,
+            )?,
+        },
+        "trojan-sq" => AttackParams::TrojanSq {
+            trigger_digest: file(
+                "trojan-sq.trigger_file",
+                "trigger_file",
+                &a.trojan_sq.trigger_file,
+            )?,
+        },
+        "trojan-wm" => AttackParams::TrojanWm {
+            trigger_digest: file(
+                "trojan-wm.trigger_file",
+                "trigger_file",
+                &a.trojan_wm.trigger_file,
+            )?,
+        },
+        "l0-inv" => AttackParams::L0Inv {
+            pixels: a.l0_inv.pixels,
+            trigger_digest: file(
+                "l0-inv.trigger_file",
+                "trigger_file",
+                &a.l0_inv.trigger_file,
+            )?,
+            mask_digest: file("l0-inv.mask_file", "mask_file", &a.l0_inv.mask_file)?,
+        },
+        "l2-inv" => AttackParams::L2Inv {
+            l2_norm: a.l2_inv.l2_norm,
+            trigger_digest: file(
+                "l2-inv.trigger_file",
+                "trigger_file",
+                &a.l2_inv.trigger_file,
+            )?,
+        },
+        "smooth" => AttackParams::Smooth {
+            max: a.smooth.max,
+            trigger_digest: file(
+                "smooth.trigger_file",
+                "trigger_file",
+                &a.smooth.trigger_file,
+            )?,
+        },
+        "sig" => AttackParams::Sig(a.sig.clone()),
+        "batt" => AttackParams::Batt(a.batt.clone()),
+        "wanet" => AttackParams::Wanet(a.wanet.clone()),
+        other => bail!("not implemented yet: attack {other}"),
+    };
+    Ok((p, files))
 }
