@@ -107,7 +107,7 @@ fn smoke_run_then_fully_cached_rerun() {
 }
 
 #[test]
-fn same_spec_same_metrics() {
+fn same_spec_same_metrics_whatever_the_parallelism() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     let args = |s: &Path| {
@@ -121,8 +121,9 @@ fn same_spec_same_metrics() {
             "attack=badnets-white".into(),
         ]
     };
-    stdout(bin().args(args(a.path())));
-    stdout(bin().args(args(b.path())));
+    // Different --jobs, same results: every step is seeded and single-threaded.
+    stdout(bin().args(args(a.path())).args(["--jobs", "2"]));
+    stdout(bin().args(args(b.path())).args(["--jobs", "1"]));
     let csv = |s: &Path| {
         stdout(
             bin()
@@ -280,4 +281,85 @@ fn real_cifar10_smoke_slice() {
         out.contains("cifar10,badnets-white,none") && out.contains("cifar10,badnets-white,ieu"),
         "{out}"
     );
+}
+
+#[test]
+fn every_attack_runs_end_to_end_at_smoke_scale() {
+    // The Table 3 attacks plus WaNet (Table 10's shape) through the whole DAG on the
+    // synthetic dataset: poison, no defence and IEU, metrics.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("attacks.yaml");
+    std::fs::write(
+        &spec,
+        "name: attacks\ntitle: All attacks\ngrid:\n  dataset: [synthetic]\n  attack: [badnets-pattern, trojan-sq, trojan-wm, l0-inv, l2-inv, smooth, sig, batt, wanet]\n  defence: [none, ieu]\nreport: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n",
+    )
+    .unwrap();
+    let out = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args(["--scale", "smoke", "--store"])
+            .arg(dir.path().join("st")),
+    );
+    for a in [
+        "badnets-pattern",
+        "trojan-sq",
+        "trojan-wm",
+        "l0-inv",
+        "l2-inv",
+        "smooth",
+        "sig",
+        "batt",
+        "wanet",
+    ] {
+        assert!(
+            out.contains(&format!("synthetic,{a},none,"))
+                && out.contains(&format!("synthetic,{a},ieu,")),
+            "{a} missing:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn table10_plans_wanet_on_cifar10() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table10.yaml");
+    let Some(data) = shared_data() else {
+        eprintln!("skipped: ../shared/data/cifar-10-batches-bin not present");
+        return;
+    };
+    let plan = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args([
+                "--scale",
+                "smoke",
+                "--dry-run",
+                "--only",
+                "defence=none,ieu",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .arg("--store")
+            .arg(dir.path()),
+    );
+    assert!(
+        plan.contains("poison cifar10/wanet") && plan.contains("plan: 8 steps, 0 cached, 8 to run"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn preview_draws_every_attack() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid.png");
+    let msg = stdout(
+        bin()
+            .args(["preview", "--scale", "smoke", "--out"])
+            .arg(&out),
+    );
+    assert!(msg.contains("11 attacks"), "{msg}");
+    let img = image::open(&out).unwrap();
+    assert!(img.height() > 11 * 96, "one row per attack");
 }

@@ -79,6 +79,15 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Write a stored model (pretrain, stage1 or finetune step) as timm-layout safetensors.
+    Export {
+        /// Step hash or a unique prefix of it.
+        hash: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
+        store: PathBuf,
+    },
     /// Draw every attack on a test image (clean, poisoned, amplified difference) into a PNG.
     Preview {
         /// Output PNG file.
@@ -219,6 +228,33 @@ pub fn main(cli: Cli) -> Result<()> {
                 store.verify(&key)?;
                 println!("verified: every output matches its digest");
             }
+            Ok(())
+        }
+        Command::Export { hash, out, store } => {
+            if !store.join("objects").is_dir() {
+                bail!(
+                    "no store at {} (pass --store or set IEU_STORE)",
+                    store.display()
+                );
+            }
+            let store = Store::open(&store)?;
+            let key = store.resolve(&hash)?;
+            let dir = store.object_dir(&key);
+            if !dir.join("model.safetensors").is_file() {
+                let kind = store.manifest(&key)?.kind;
+                bail!(
+                    "step {key} is a {kind} step and holds no model (export pretrain, stage1 or finetune steps)"
+                );
+            }
+            let device = burn::prelude::Device::flex();
+            let (vit, cfg) = crate::models::load_vit(&dir, &device)?;
+            crate::models::timm::export(&vit, &cfg, &out)?;
+            println!(
+                "wrote {} (timm ViT layout, {} blocks, {} classes)",
+                out.display(),
+                cfg.depth,
+                cfg.num_classes
+            );
             Ok(())
         }
         Command::Preview {

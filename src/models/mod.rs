@@ -4,6 +4,7 @@
 //! module path (`blocks.0.attn.qkv.weight`, …) and written in sorted order, so the same
 //! weights always give the same bytes (and the same digest in the store).
 
+pub mod timm;
 pub mod vit;
 
 use std::collections::BTreeMap;

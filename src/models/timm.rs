@@ -1,0 +1,169 @@
+//! timm-layout safetensors for the ViT family.
+//!
+//! Names and shapes follow timm's `VisionTransformer`: `patch_embed.proj.weight`
+//! `[d, 3, p, p]` (a stride-p convolution; ieu-bench's linear patch projection flattens
+//! patches channel-major, which is exactly that kernel), `cls_token`, `pos_embed`,
+//! `blocks.{i}.norm1.weight|bias`, `blocks.{i}.attn.qkv.weight` `[3d, d]`, `attn.proj`,
+//! `norm2`, `mlp.fc1`, `mlp.fc2`, `norm.weight|bias`; Linear weights are `[out, in]`
+//! (PyTorch), transposed from Burn's `[in, out]`. The SiT head ([CLS, mean] → fc1 → GELU →
+//! fc2) has no timm counterpart and is written as `head.fc1.*`, `head.fc2.*`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use safetensors::tensor::{Dtype, TensorView};
+
+use super::{Vit, VitConfig, named_params};
+
+type Named = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn transpose(shape: &[usize], v: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let (r, c) = (shape[0], shape[1]);
+    let mut out = vec![0f32; v.len()];
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = v[i * c + j];
+        }
+    }
+    (vec![c, r], out)
+}
+
+/// Burn name → timm name, and whether the tensor is a Linear weight (to transpose).
+fn timm_name(burn: &str) -> (String, bool) {
+    let mut n = burn.replace(".gamma", ".weight").replace(".beta", ".bias");
+    if n.starts_with("patch_embed.") {
+        n = n.replace("patch_embed.", "patch_embed.proj.");
+    }
+    let linear_weight =
+        n.ends_with(".weight") && !n.contains("norm") && !n.starts_with("patch_embed");
+    (n, linear_weight)
+}
+
+/// The model's parameters under timm names and layouts.
+pub fn to_timm(vit: &Vit, cfg: &VitConfig) -> Named {
+    let mut out = BTreeMap::new();
+    for (name, (shape, v)) in named_params(vit) {
+        let (tname, lin) = timm_name(&name);
+        let entry = if name == "patch_embed.weight" {
+            // [3·p·p, d] → [d, 3, p, p]
+            let (_, t) = transpose(&shape, &v);
+            (vec![cfg.dim, 3, cfg.patch_size, cfg.patch_size], t)
+        } else if lin {
+            transpose(&shape, &v)
+        } else {
+            (shape, v)
+        };
+        out.insert(tname, entry);
+    }
+    out
+}
+
+pub fn export(vit: &Vit, cfg: &VitConfig, path: &Path) -> Result<()> {
+    let named = to_timm(vit, cfg);
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = named
+        .into_iter()
+        .map(|(k, (s, v))| (k, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("ieu_bench_config".to_string(), serde_json::to_string(cfg)?);
+    let data = safetensors::serialize(views, Some(meta))?;
+    crate::store::write_synced(path, &data)
+}
+
+/// Reads a timm-layout file written by [`export`] back into a ViT of `cfg`.
+pub fn import(path: &Path, cfg: &VitConfig, device: &Device) -> Result<Vit> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not safetensors", path.display()))?;
+    let model = Vit::new(cfg, 0, device);
+    let mut burn_named: Named = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (name, (shape, _)) in named_params(&model) {
+        let (tname, lin) = timm_name(&name);
+        let Ok(view) = st.tensor(&tname) else {
+            missing.push(tname);
+            continue;
+        };
+        let v: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let entry = if name == "patch_embed.weight" || lin {
+            let (r, c) = (view.shape()[0], view.shape()[1..].iter().product());
+            transpose(&[r, c], &v)
+        } else {
+            (view.shape().to_vec(), v)
+        };
+        if entry.0 != shape {
+            bail!(
+                "{}: {tname} has shape {:?}, the model needs {:?}",
+                path.display(),
+                view.shape(),
+                shape
+            );
+        }
+        burn_named.insert(name, entry);
+    }
+    if !missing.is_empty() {
+        bail!("{}: missing keys: {}", path.display(), missing.join(", "));
+    }
+    let tmp = tempfile::NamedTempFile::new()?;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = burn_named
+        .into_iter()
+        .map(|(k, (s, v))| (k, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    std::fs::write(tmp.path(), safetensors::serialize(views, None)?)?;
+    super::load_safetensors(model, tmp.path(), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_import_round_trip_gives_identical_logits() {
+        let device = Device::flex();
+        let cfg = VitConfig {
+            image_size: 8,
+            patch_size: 4,
+            dim: 8,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 2,
+            num_classes: 3,
+        };
+        let vit = Vit::new(&cfg, 11, &device);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        export(&vit, &cfg, &path).unwrap();
+        let back = import(&path, &cfg, &device).unwrap();
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                (0..2 * 3 * 64)
+                    .map(|i| (i as f32 * 0.37).sin())
+                    .collect::<Vec<_>>(),
+                [2, 3, 8, 8],
+            ),
+            &device,
+        );
+        let a: Vec<f32> = vit.forward(x.clone()).to_data().try_to_vec().unwrap();
+        let b: Vec<f32> = back.forward(x).to_data().try_to_vec().unwrap();
+        assert_eq!(a, b);
+        let named = to_timm(&vit, &cfg);
+        assert_eq!(named["patch_embed.proj.weight"].0, vec![8, 3, 4, 4]);
+        assert_eq!(named["blocks.0.attn.qkv.weight"].0, vec![24, 8]);
+        assert!(named.contains_key("blocks.1.norm1.weight") && named.contains_key("norm.bias"));
+    }
+}
