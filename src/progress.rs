@@ -1,4 +1,5 @@
-//! Progress bars (indicatif, with ETA) for long steps; silent when stderr is not a terminal.
+//! Progress bars (indicatif, with ETA) for long steps. When stderr is not a terminal (CI,
+//! logs redirected to a file) the bar is hidden and progress is logged every 10% instead.
 
 use std::sync::OnceLock;
 
@@ -12,25 +13,28 @@ fn multi() -> &'static MultiProgress {
 
 pub struct Progress {
     bar: ProgressBar,
+    label: String,
 }
 
 impl Progress {
     pub fn new(label: &str, total: u64) -> Self {
         let bar = multi().add(ProgressBar::new(total));
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta_precise} {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta_precise} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
-        Self { bar }
+        Self { bar, label: label.to_string() }
     }
 
     pub fn inc(&self, msg: String) {
-        self.bar.set_message(msg);
+        self.bar.set_message(msg.clone());
         self.bar.inc(1);
+        let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
+        if self.bar.is_hidden() && len >= 10 && pos % (len / 10) == 0 {
+            tracing::info!("    {}: {pos}/{len} ({}%), eta {}s, {msg}", self.label, 100 * pos / len, self.bar.eta().as_secs());
+        }
     }
 
     pub fn finish(&self) {
