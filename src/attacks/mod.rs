@@ -97,7 +97,7 @@ pub struct PoisonParams {
     pub seed: u64,
 }
 
-pub const POISON_VERSION: u32 = 2;
+pub const POISON_VERSION: u32 = 1;
 
 /// A ready-to-apply trigger at one image size (CHW u8 images).
 #[derive(Debug, Clone)]

@@ -37,10 +37,90 @@ use crate::train::{
 
 pub const STAGE1_VERSION: u32 = 1;
 
+pub use crate::train::LossKind as Stage1Loss;
+
+/// How the unlearning rate lr_ul is derived from lr_tune.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum UnlearnRate {
+    /// Eq. 3 with the previous unlearned batch's loss.
+    #[default]
+    Dynamic,
+    /// lr_ul = c · lr_tune (Table 9).
+    Constant(f64),
+    /// Eq. 3 with an exponential moving average ℓ̄_k = β·ℓ̄_{k−1} + (1 − β)·ℓ_k of the
+    /// unlearning losses (the paper's proposed fix for weakness [b]).
+    MovingAverage(f64),
+}
+
+impl UnlearnRate {
+    pub fn is_dynamic(&self) -> bool {
+        *self == UnlearnRate::Dynamic
+    }
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            UnlearnRate::Dynamic => Ok(()),
+            UnlearnRate::Constant(c) if *c > 0.0 && c.is_finite() => Ok(()),
+            UnlearnRate::Constant(c) => Err(format!("constant {c} must be positive")),
+            UnlearnRate::MovingAverage(b) if (0.0..1.0).contains(b) => Ok(()),
+            UnlearnRate::MovingAverage(b) => Err(format!("moving_average {b} is not in [0, 1)")),
+        }
+    }
+}
+
+/// Tracks the unlearning losses of one epoch and gives the factor on lr_tune.
+#[derive(Debug, Clone)]
+pub struct UnlearnSchedule {
+    rule: UnlearnRate,
+    num_classes: usize,
+    /// Number of batches unlearned this epoch (Eq. 3's k).
+    k: usize,
+    /// ℓ_{k−1}, or its moving average.
+    memory: f64,
+}
+
+impl UnlearnSchedule {
+    pub fn new(rule: UnlearnRate, num_classes: usize) -> Self {
+        Self { rule, num_classes, k: 0, memory: 0.0 }
+    }
+    /// Epoch start: k = 0.
+    pub fn reset(&mut self) {
+        self.k = 0;
+        self.memory = 0.0;
+    }
+    /// The factor s with lr_ul = s · lr_tune for the next unlearned batch.
+    pub fn scale(&self) -> f64 {
+        match self.rule {
+            UnlearnRate::Constant(c) => c,
+            _ => dynamic_unlearn_scale(self.k, self.memory, self.num_classes),
+        }
+    }
+    /// Records the loss of the batch just unlearned (measured before its update).
+    pub fn record(&mut self, loss: f64) {
+        self.memory = match self.rule {
+            UnlearnRate::MovingAverage(beta) if self.k > 0 => beta * self.memory + (1.0 - beta) * loss,
+            _ => loss,
+        };
+        self.k += 1;
+    }
+}
+
+/// Stage-2 settings of one IEU run.
+#[derive(Debug, Clone)]
+pub struct Stage2Settings {
+    pub c_thresh: f64,
+    pub logit_masking: bool,
+    pub unlearn_rate: UnlearnRate,
+    pub gate_noise_std: f64,
+}
+
 /// Stage-1 settings (paper Table 11: 10 epochs, lr 2·10⁻⁴, one warm-up epoch, no LGA).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stage1Params {
     pub depth: usize,
+    /// LGA / Flooding (Tables 15, 16); plain cross-entropy by default (left out of the key).
+    #[serde(default, skip_serializing_if = "Stage1Loss::is_ce")]
+    pub loss: Stage1Loss,
     pub epochs: usize,
     pub lr: f64,
     pub warmup_epochs: usize,
@@ -49,9 +129,10 @@ pub struct Stage1Params {
 }
 
 impl Stage1Params {
-    pub fn from_scale(s: &Scale, depth: usize, seed: u64) -> Self {
+    pub fn from_scale(s: &Scale, depth: usize, loss: Stage1Loss, seed: u64) -> Self {
         Self {
             depth,
+            loss,
             epochs: s.stage1.epochs,
             lr: s.stage1.lr,
             warmup_epochs: s.stage1.warmup_epochs,
@@ -99,6 +180,7 @@ pub fn run_stage1_step(
         lr,
         wd,
         seed: p.seed,
+        loss: p.loss.clone(),
     };
     let (fp, log) = train_supervised(fp, &tune, &meta, &sup, &ad)?;
     crate::models::save_vit(&fp.valid(), &cfg, out)?;
@@ -227,8 +309,7 @@ pub struct Stage2Stats {
 /// Stage 2 (Algorithm 1).
 pub fn run_stage2(
     p: &FinetuneParams,
-    c_thresh: f64,
-    logit_masking: bool,
+    settings: &Stage2Settings,
     inputs: &FinetuneInputs,
     stage1: &Path,
     out: &Path,
@@ -239,6 +320,7 @@ pub fn run_stage2(
     let poison_idx = crate::attacks::load_poison_indices(inputs.poison)?;
     let (fp, _) = crate::models::load_vit(stage1, device)?;
     let fp_logits = gate_logits(&fp, &tune, &meta, 256, device);
+    let Stage2Settings { c_thresh, logit_masking, ref unlearn_rate, gate_noise_std } = *settings;
     // Algorithm 1 line 10: queued iff max σ(f_p(x)) > c_thresh.
     let flagged: Vec<bool> = fp_logits
         .iter()
@@ -270,12 +352,12 @@ pub fn run_stage2(
         gate,
         ..Default::default()
     };
+    let mut schedule = UnlearnSchedule::new(unlearn_rate.clone(), nc);
     let mut it = 0usize;
     for epoch in 0..epochs {
         // Line 4: a fresh unlearn queue each epoch; Eq. 3's k restarts at 0.
         let mut queue: std::collections::VecDeque<usize> = Default::default();
-        let mut k = 0usize;
-        let mut prev_loss = 0.0f64;
+        schedule.reset();
         let mut sum = 0.0;
         let mut count = 0usize;
         for (bi, batch) in epoch_batches(tune.len(), p.batch_size, p.seed, epoch)
@@ -315,7 +397,18 @@ pub fn run_stage2(
             count += 1;
 
             // Line 10: queue the flagged images of this batch.
-            queue.extend(batch.iter().copied().filter(|&i| flagged[i]));
+            if gate_noise_std > 0.0 {
+                // Table 14: the queueing decision sees f_p's logits plus Gaussian noise;
+                // the mask of Eq. 1 does not.
+                queue.extend(batch.iter().copied().filter(|&i| {
+                    let mut rng = rng_for(p.seed, epoch, i, 0x4015E);
+                    let noisy: Vec<f32> =
+                        fp_logits[i].iter().map(|l| l + gate_noise_std as f32 * crate::data::augment::gaussian(&mut rng)).collect();
+                    max_softmax(&noisy) as f64 > c_thresh
+                }));
+            } else {
+                queue.extend(batch.iter().copied().filter(|&i| flagged[i]));
+            }
             // Lines 11–14: unlearn one full batch by gradient ascent.
             if queue.len() >= p.batch_size {
                 let ul: Vec<usize> = queue.drain(..p.batch_size).collect();
@@ -328,10 +421,11 @@ pub fn run_stage2(
                 if !ul_value.is_finite() {
                     bail!(
                         "ieu stage 2: non-finite unlearning loss {ul_value} at epoch {epoch}, batch {bi} \
-                         (unlearn step {k} of the epoch); the paper's weakness [b]"
+                         (unlearned batch {} of the epoch); the paper's weakness [b]",
+                        schedule.k
                     );
                 }
-                let scale = dynamic_unlearn_scale(k, prev_loss, nc);
+                let scale = schedule.scale();
                 let lr_ul = lr[it] * scale;
                 let grads =
                     burn::optim::GradientsParams::from_grads(ul_loss.neg().backward(), &model);
@@ -341,8 +435,7 @@ pub fn run_stage2(
                         factor: 1.0 - lr_ul * wd[it],
                     });
                 }
-                prev_loss = ul_value;
-                k += 1;
+                schedule.record(ul_value);
                 stats.unlearn_steps += 1;
                 stats.unlearn_losses.push(ul_value);
                 stats.unlearn_scales.push(scale);
@@ -386,6 +479,29 @@ mod tests {
         assert_eq!(dynamic_unlearn_scale(2, 50.0, 10), 0.2);
         // N_c = 200, ℓ = 0: 6 − 1/200.
         assert!((dynamic_unlearn_scale(1, 0.0, 200) - 5.995).abs() < 1e-12);
+    }
+
+    #[test]
+    fn unlearn_rate_variants() {
+        // Dynamic: 1 at k = 0, then Eq. 3 of the previous loss; k restarts each epoch.
+        let mut s = UnlearnSchedule::new(UnlearnRate::Dynamic, 10);
+        assert_eq!(s.scale(), 1.0);
+        s.record(0.0);
+        assert!((s.scale() - 5.9).abs() < 1e-12);
+        s.record(std::f64::consts::SQRT_2 * 10f64.ln());
+        assert!((s.scale() - 5.0).abs() < 1e-12);
+        s.reset();
+        assert_eq!(s.scale(), 1.0);
+        // Constant: c at every step (Table 9).
+        let mut s = UnlearnSchedule::new(UnlearnRate::Constant(2.0), 10);
+        assert_eq!(s.scale(), 2.0);
+        s.record(3.0);
+        assert_eq!(s.scale(), 2.0);
+        // Moving average β = 0.5 of losses 0 and 2√2·ln 10 → ℓ̄ = √2·ln 10 → factor 5.
+        let mut s = UnlearnSchedule::new(UnlearnRate::MovingAverage(0.5), 10);
+        s.record(0.0);
+        s.record(2.0 * std::f64::consts::SQRT_2 * 10f64.ln());
+        assert!((s.scale() - 5.0).abs() < 1e-12);
     }
 
     #[test]

@@ -20,13 +20,25 @@ use crate::train::View;
 
 pub const FINETUNE_VERSION: u32 = 1;
 
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "name", rename_all = "lowercase")]
 pub enum DefenceParams {
     /// Vanilla finetuning.
     None,
     /// Interleaved Ensemble Unlearning, stage 2 (Algorithm 1).
-    Ieu { c_thresh: f64, logit_masking: bool },
+    Ieu {
+        c_thresh: f64,
+        logit_masking: bool,
+        /// Defaults are left out of the parameters, so default IEU keeps its keys.
+        #[serde(default, skip_serializing_if = "ieu::UnlearnRate::is_dynamic")]
+        unlearn_rate: ieu::UnlearnRate,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        gate_noise_std: f64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,14 +98,15 @@ pub fn run_finetune_step(
 ) -> Result<()> {
     match &p.defence {
         DefenceParams::None => none::run(p, inputs, out, device),
-        DefenceParams::Ieu {
-            c_thresh,
-            logit_masking,
-        } => {
-            let Some(stage1) = inputs.stage1 else {
-                bail!("ieu finetuning needs the stage-1 poisoned module")
+        DefenceParams::Ieu { c_thresh, logit_masking, unlearn_rate, gate_noise_std } => {
+            let Some(stage1) = inputs.stage1 else { bail!("ieu finetuning needs the stage-1 poisoned module") };
+            let settings = ieu::Stage2Settings {
+                c_thresh: *c_thresh,
+                logit_masking: *logit_masking,
+                unlearn_rate: unlearn_rate.clone(),
+                gate_noise_std: *gate_noise_std,
             };
-            ieu::run_stage2(p, *c_thresh, *logit_masking, inputs, stage1, out, device)
+            ieu::run_stage2(p, &settings, inputs, stage1, out, device)
         }
     }
 }

@@ -37,6 +37,7 @@ pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Dev
         lr,
         wd,
         seed: p.seed,
+        loss: crate::train::LossKind::Ce,
     };
     let ad = device.clone().autodiff();
     let (model, log) = train_supervised(model, &tune, &meta, &sup, &ad)?;

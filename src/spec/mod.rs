@@ -33,6 +33,9 @@ pub struct Spec {
     pub description: String,
     #[serde(default)]
     pub defaults: Defaults,
+    /// Named defence variants, usable in `grid.defence`.
+    #[serde(default)]
+    pub variants: BTreeMap<String, Variant>,
     pub grid: Grid,
     pub report: ReportLayout,
 }
@@ -159,16 +162,24 @@ impl Default for SmoothSpec {
     }
 }
 
-/// IEU settings (paper Table 11 defaults for CIFAR10/TinyImageNet).
+/// IEU settings (paper Table 11 defaults for CIFAR10/TinyImageNet) and its ablation knobs.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IeuDefaults {
-    /// Confidence threshold of the gate (Eq. 1).
+    /// Confidence threshold of the gate (Eq. 1; Table 6).
     pub c_thresh: f64,
-    /// Number of checkpoint blocks in the poisoned module f_p.
+    /// Number of checkpoint blocks in the poisoned module f_p (Table 7).
     pub fp_depth: usize,
     /// Eq. 1 logit masking; `false` is Table 4's ablation (ŷ = ŷ_r).
     pub logit_masking: bool,
+    /// Unlearning rate: Eq. 3 (`dynamic`), `{constant: c}` (Table 9) or
+    /// `{moving_average: beta}` (the paper's proposed fix for weakness [b]).
+    pub unlearn_rate: crate::defences::ieu::UnlearnRate,
+    /// Standard deviation of Gaussian noise added to f_p's logits for the queueing
+    /// decision only (Table 14); 0 = off.
+    pub gate_noise_std: f64,
+    /// Stage-1 loss of f_p: `ce`, `{lga: gamma}` or `{flooding: gamma}` (Tables 15, 16).
+    pub stage1_loss: crate::defences::ieu::Stage1Loss,
 }
 
 impl Default for IeuDefaults {
@@ -177,8 +188,23 @@ impl Default for IeuDefaults {
             c_thresh: 0.95,
             fp_depth: 1,
             logit_masking: true,
+            unlearn_rate: Default::default(),
+            gate_noise_std: 0.0,
+            stage1_loss: Default::default(),
         }
     }
+}
+
+/// A named defence variant: a built-in defence with some settings changed, usable as a
+/// grid `defence` entry (e.g. Table 4's IEU without logit masking).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// The built-in defence it is based on (`ieu`).
+    pub base: String,
+    /// IEU settings that differ from `defaults.ieu` (any of its fields).
+    #[serde(default)]
+    pub ieu: serde_yaml_ng::Value,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -187,6 +213,27 @@ pub struct Grid {
     pub dataset: Vec<String>,
     pub attack: Vec<String>,
     pub defence: Vec<String>,
+}
+
+impl Spec {
+    /// The IEU settings of a defence entry: `defaults.ieu`, with a variant's overrides.
+    pub fn ieu_settings(&self, defence: &str) -> Result<IeuDefaults> {
+        let Some(v) = self.variants.get(defence) else { return Ok(self.defaults.ieu.clone()) };
+        let mut base = serde_yaml_ng::to_value(&self.defaults.ieu)?;
+        if let (serde_yaml_ng::Value::Mapping(b), serde_yaml_ng::Value::Mapping(o)) = (&mut base, &v.ieu) {
+            for (k, val) in o {
+                b.insert(k.clone(), val.clone());
+            }
+        } else if !v.ieu.is_null() {
+            bail!("expected a mapping of IEU settings");
+        }
+        Ok(serde_yaml_ng::from_value(base)?)
+    }
+
+    /// The built-in defence behind a grid entry.
+    pub fn defence_base<'a>(&'a self, defence: &'a str) -> &'a str {
+        self.variants.get(defence).map(|v| v.base.as_str()).unwrap_or(defence)
+    }
 }
 
 impl Grid {
@@ -550,6 +597,9 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             bail!("{file}: field `grid.{axis}`: empty list");
         }
         for (i, v) in list.iter().enumerate() {
+            if axis == "defence" && spec.variants.contains_key(v) {
+                continue;
+            }
             if !known.iter().any(|(n, _)| n == v) {
                 bail!(
                     "{file}: field `grid.{axis}[{i}]`: unknown {axis} '{v}' (known: {})",
@@ -561,6 +611,17 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             }
         }
     }
+    for (name, v) in &spec.variants {
+        if DEFENCES.iter().any(|(n, _)| n == name) {
+            bail!("{file}: field `variants.{name}`: a variant cannot reuse the built-in defence name '{name}'");
+        }
+        if v.base != "ieu" {
+            bail!("{file}: field `variants.{name}.base`: '{}' has no settings to vary (only ieu)", v.base);
+        }
+        let ieu = spec.ieu_settings(name).map_err(|e| anyhow!("{file}: field `variants.{name}.ieu`: {e}"))?;
+        validate_ieu(&ieu, file, &format!("variants.{name}.ieu"))?;
+    }
+    validate_ieu(&d.ieu, file, "defaults.ieu")?;
     let r = &spec.report;
     for (i, row) in r.rows.iter().enumerate() {
         if spec.grid.axis(row).is_none() {
@@ -593,6 +654,21 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             bail!("{file}: field `report.best.{m}`: unknown metric '{m}'");
         }
     }
+    Ok(())
+}
+
+fn validate_ieu(ieu: &IeuDefaults, file: &str, at: &str) -> Result<()> {
+    if !(ieu.c_thresh > 0.0 && ieu.c_thresh < 1.0) {
+        bail!("{file}: field `{at}.c_thresh`: {} is not in (0, 1)", ieu.c_thresh);
+    }
+    if ieu.fp_depth == 0 {
+        bail!("{file}: field `{at}.fp_depth`: must be at least 1");
+    }
+    if !(ieu.gate_noise_std >= 0.0 && ieu.gate_noise_std.is_finite()) {
+        bail!("{file}: field `{at}.gate_noise_std`: {} must be a non-negative number", ieu.gate_noise_std);
+    }
+    ieu.unlearn_rate.validate().map_err(|e| anyhow!("{file}: field `{at}.unlearn_rate`: {e}"))?;
+    ieu.stage1_loss.validate().map_err(|e| anyhow!("{file}: field `{at}.stage1_loss`: {e}"))?;
     Ok(())
 }
 

@@ -43,7 +43,7 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
         check_available(ATTACKS, "attack", v)?;
     }
     for v in &g.defence {
-        check_available(DEFENCES, "defence", v)?;
+        check_available(DEFENCES, "defence", spec.spec.defence_base(v))?;
     }
     build(spec, scale, data_dir)
 }
@@ -133,10 +133,11 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             let poison_key = plan.add(step);
 
             for defence in &g.defence {
-                let (defence_params, fp_key) = match defence.as_str() {
+                let (defence_params, fp_key) = match s.defence_base(defence) {
                     "none" => (DefenceParams::None, None),
                     "ieu" => {
-                        let sp = Stage1Params::from_scale(scale, d.ieu.fp_depth, d.seed);
+                        let ieu = s.ieu_settings(defence)?;
+                        let sp = Stage1Params::from_scale(scale, ieu.fp_depth, ieu.stage1_loss.clone(), d.seed);
                         let fp_key = plan.add(Step::new(
                             Kind::Stage1,
                             format!("stage1 f_p {dataset}/{attack}"),
@@ -145,8 +146,10 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                         )?);
                         (
                             DefenceParams::Ieu {
-                                c_thresh: d.ieu.c_thresh,
-                                logit_masking: d.ieu.logit_masking,
+                                c_thresh: ieu.c_thresh,
+                                logit_masking: ieu.logit_masking,
+                                unlearn_rate: ieu.unlearn_rate.clone(),
+                                gate_noise_std: ieu.gate_noise_std,
                             },
                             Some(fp_key),
                         )

@@ -195,6 +195,42 @@ pub fn iters_per_epoch(n: usize, batch: usize) -> usize {
     if n >= batch { n / batch } else { 1 }
 }
 
+/// The training loss: cross-entropy, or ABL's LGA / Flooding variants of it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum LossKind {
+    #[default]
+    Ce,
+    /// Local gradient ascent: sign(ℓ − γ)·ℓ on the batch-mean cross-entropy ℓ.
+    Lga(f64),
+    /// Flooding: |ℓ − γ| + γ.
+    Flooding(f64),
+}
+
+impl LossKind {
+    pub fn is_ce(&self) -> bool {
+        *self == LossKind::Ce
+    }
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            LossKind::Ce => Ok(()),
+            LossKind::Lga(g) | LossKind::Flooding(g) if *g > 0.0 && g.is_finite() => Ok(()),
+            LossKind::Lga(g) | LossKind::Flooding(g) => Err(format!("gamma {g} must be positive")),
+        }
+    }
+    /// Applies the variant to a batch-mean cross-entropy [1].
+    pub fn apply(&self, ce: Tensor<1>) -> Tensor<1> {
+        match self {
+            LossKind::Ce => ce,
+            LossKind::Lga(g) => {
+                let sign = ce.clone().detach().sub_scalar(*g).sign();
+                ce * sign
+            }
+            LossKind::Flooding(g) => ce.sub_scalar(*g).abs().add_scalar(*g),
+        }
+    }
+}
+
 /// A plain supervised run: which views to learn from, the per-iteration learning rate and
 /// weight decay.
 pub struct Supervised<'a> {
@@ -205,6 +241,7 @@ pub struct Supervised<'a> {
     pub lr: Vec<f64>,
     pub wd: Vec<f64>,
     pub seed: u64,
+    pub loss: LossKind,
 }
 
 /// Mean training loss per epoch.
@@ -234,7 +271,7 @@ pub fn train_supervised(
             let y = labels(set, batch, device);
             let ys = Tensor::cat(vec![y; xs.len()], 0);
             let x = Tensor::cat(xs, 0);
-            let loss = cross_entropy(model.forward(x), ys);
+            let loss = cfg.loss.apply(cross_entropy(model.forward(x), ys));
             let value: f32 = loss.clone().into_scalar::<f32>();
             if !value.is_finite() {
                 bail!(
@@ -380,6 +417,7 @@ pub fn run_pretrain_step(
         lr,
         wd,
         seed: p.seed,
+        loss: LossKind::Ce,
     };
     let (model, log) = train_supervised(model, &set, &meta, &sup, &ad)?;
     let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
@@ -492,6 +530,20 @@ mod tests {
         let c = crate::models::named_params(&Vit::new(&cfg, 6, &device));
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn lga_and_flooding_on_hand_computed_values() {
+        let device = Device::flex();
+        let ce = |v: f32| Tensor::<1>::from_data(TensorData::new(vec![v], [1]), &device);
+        let val = |t: Tensor<1>| t.into_scalar::<f32>();
+        // LGA: below γ the loss is negated (ascent), above it unchanged.
+        assert_eq!(val(LossKind::Lga(1.5).apply(ce(0.5))), -0.5);
+        assert_eq!(val(LossKind::Lga(1.5).apply(ce(2.0))), 2.0);
+        // Flooding: |ℓ − γ| + γ.
+        assert_eq!(val(LossKind::Flooding(1.5).apply(ce(0.5))), 2.5);
+        assert_eq!(val(LossKind::Flooding(1.5).apply(ce(2.0))), 2.0);
+        assert_eq!(val(LossKind::Ce.apply(ce(0.7))), 0.7);
     }
 
     #[test]
