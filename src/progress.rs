@@ -20,12 +20,17 @@ impl Progress {
     pub fn new(label: &str, total: u64) -> Self {
         let bar = multi().add(ProgressBar::new(total));
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta_precise} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta_precise} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
-        Self { bar, label: label.to_string() }
+        Self {
+            bar,
+            label: label.to_string(),
+        }
     }
 
     pub fn inc(&self, msg: String) {
@@ -33,7 +38,12 @@ impl Progress {
         self.bar.inc(1);
         let (pos, len) = (self.bar.position(), self.bar.length().unwrap_or(0));
         if self.bar.is_hidden() && len >= 10 && pos % (len / 10) == 0 {
-            tracing::info!("    {}: {pos}/{len} ({}%), eta {}s, {msg}", self.label, 100 * pos / len, self.bar.eta().as_secs());
+            tracing::info!(
+                "    {}: {pos}/{len} ({}%), eta {}s, {msg}",
+                self.label,
+                100 * pos / len,
+                self.bar.eta().as_secs()
+            );
         }
     }
 

@@ -363,3 +363,54 @@ fn preview_draws_every_attack() {
     let img = image::open(&out).unwrap();
     assert!(img.height() > 11 * 96, "one row per attack");
 }
+
+#[test]
+fn ablation_specs_run_at_smoke_scale() {
+    // Tables 4, 6, 7, 9, 14 and 15 on the synthetic dataset (their datasets swapped), one attack.
+    let dir = tempfile::tempdir().unwrap();
+    for table in ["table4", "table6", "table7", "table9", "table14", "table15"] {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("experiments/{table}.yaml")),
+        )
+        .unwrap();
+        let text = text
+            .replace("[cifar10, tinyimagenet]", "[synthetic]")
+            .replace("[cifar10]", "[synthetic]");
+        let spec = dir.path().join(format!("{table}.yaml"));
+        std::fs::write(&spec, text).unwrap();
+        let out = stdout(
+            bin()
+                .arg("run")
+                .arg(&spec)
+                .args([
+                    "--scale",
+                    "smoke",
+                    "--only",
+                    "attack=badnets-white",
+                    "--store",
+                ])
+                .arg(dir.path().join("st")),
+        );
+        assert!(
+            out.contains("synthetic,badnets-white,ieu,"),
+            "{table}:\n{out}"
+        );
+        let md = stdout(
+            bin()
+                .arg("report")
+                .arg(&spec)
+                .args([
+                    "--scale",
+                    "smoke",
+                    "--only",
+                    "attack=badnets-white",
+                    "--store",
+                ])
+                .arg(dir.path().join("st")),
+        );
+        assert!(
+            md.contains("| synthetic | badnets-white |"),
+            "{table}:\n{md}"
+        );
+    }
+}

@@ -40,8 +40,9 @@ pub const STAGE1_VERSION: u32 = 1;
 pub use crate::train::LossKind as Stage1Loss;
 
 /// How the unlearning rate lr_ul is derived from lr_tune.
+/// Written `dynamic`, `{constant: c}` or `{moving_average: beta}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", try_from = "RateRepr")]
 pub enum UnlearnRate {
     /// Eq. 3 with the previous unlearned batch's loss.
     #[default]
@@ -51,6 +52,30 @@ pub enum UnlearnRate {
     /// Eq. 3 with an exponential moving average ℓ̄_k = β·ℓ̄_{k−1} + (1 − β)·ℓ_k of the
     /// unlearning losses (the paper's proposed fix for weakness [b]).
     MovingAverage(f64),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RateRepr {
+    Name(String),
+    Constant { constant: f64 },
+    MovingAverage { moving_average: f64 },
+}
+
+impl TryFrom<RateRepr> for UnlearnRate {
+    type Error = String;
+    fn try_from(r: RateRepr) -> Result<Self, String> {
+        match r {
+            RateRepr::Name(n) if n == "dynamic" => Ok(UnlearnRate::Dynamic),
+            RateRepr::Name(n) => Err(format!(
+                "unknown unlearning rate '{n}' (dynamic, {{constant: c}}, {{moving_average: beta}})"
+            )),
+            RateRepr::Constant { constant } => Ok(UnlearnRate::Constant(constant)),
+            RateRepr::MovingAverage { moving_average } => {
+                Ok(UnlearnRate::MovingAverage(moving_average))
+            }
+        }
+    }
 }
 
 impl UnlearnRate {
@@ -81,7 +106,12 @@ pub struct UnlearnSchedule {
 
 impl UnlearnSchedule {
     pub fn new(rule: UnlearnRate, num_classes: usize) -> Self {
-        Self { rule, num_classes, k: 0, memory: 0.0 }
+        Self {
+            rule,
+            num_classes,
+            k: 0,
+            memory: 0.0,
+        }
     }
     /// Epoch start: k = 0.
     pub fn reset(&mut self) {
@@ -98,7 +128,9 @@ impl UnlearnSchedule {
     /// Records the loss of the batch just unlearned (measured before its update).
     pub fn record(&mut self, loss: f64) {
         self.memory = match self.rule {
-            UnlearnRate::MovingAverage(beta) if self.k > 0 => beta * self.memory + (1.0 - beta) * loss,
+            UnlearnRate::MovingAverage(beta) if self.k > 0 => {
+                beta * self.memory + (1.0 - beta) * loss
+            }
             _ => loss,
         };
         self.k += 1;
@@ -320,7 +352,12 @@ pub fn run_stage2(
     let poison_idx = crate::attacks::load_poison_indices(inputs.poison)?;
     let (fp, _) = crate::models::load_vit(stage1, device)?;
     let fp_logits = gate_logits(&fp, &tune, &meta, 256, device);
-    let Stage2Settings { c_thresh, logit_masking, ref unlearn_rate, gate_noise_std } = *settings;
+    let Stage2Settings {
+        c_thresh,
+        logit_masking,
+        ref unlearn_rate,
+        gate_noise_std,
+    } = *settings;
     // Algorithm 1 line 10: queued iff max σ(f_p(x)) > c_thresh.
     let flagged: Vec<bool> = fp_logits
         .iter()
@@ -402,8 +439,12 @@ pub fn run_stage2(
                 // the mask of Eq. 1 does not.
                 queue.extend(batch.iter().copied().filter(|&i| {
                     let mut rng = rng_for(p.seed, epoch, i, 0x4015E);
-                    let noisy: Vec<f32> =
-                        fp_logits[i].iter().map(|l| l + gate_noise_std as f32 * crate::data::augment::gaussian(&mut rng)).collect();
+                    let noisy: Vec<f32> = fp_logits[i]
+                        .iter()
+                        .map(|l| {
+                            l + gate_noise_std as f32 * crate::data::augment::gaussian(&mut rng)
+                        })
+                        .collect();
                     max_softmax(&noisy) as f64 > c_thresh
                 }));
             } else {

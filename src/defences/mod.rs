@@ -98,8 +98,15 @@ pub fn run_finetune_step(
 ) -> Result<()> {
     match &p.defence {
         DefenceParams::None => none::run(p, inputs, out, device),
-        DefenceParams::Ieu { c_thresh, logit_masking, unlearn_rate, gate_noise_std } => {
-            let Some(stage1) = inputs.stage1 else { bail!("ieu finetuning needs the stage-1 poisoned module") };
+        DefenceParams::Ieu {
+            c_thresh,
+            logit_masking,
+            unlearn_rate,
+            gate_noise_std,
+        } => {
+            let Some(stage1) = inputs.stage1 else {
+                bail!("ieu finetuning needs the stage-1 poisoned module")
+            };
             let settings = ieu::Stage2Settings {
                 c_thresh: *c_thresh,
                 logit_masking: *logit_masking,

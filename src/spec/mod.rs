@@ -218,21 +218,25 @@ pub struct Grid {
 impl Spec {
     /// The IEU settings of a defence entry: `defaults.ieu`, with a variant's overrides.
     pub fn ieu_settings(&self, defence: &str) -> Result<IeuDefaults> {
-        let Some(v) = self.variants.get(defence) else { return Ok(self.defaults.ieu.clone()) };
-        let mut base = serde_yaml_ng::to_value(&self.defaults.ieu)?;
-        if let (serde_yaml_ng::Value::Mapping(b), serde_yaml_ng::Value::Mapping(o)) = (&mut base, &v.ieu) {
-            for (k, val) in o {
-                b.insert(k.clone(), val.clone());
-            }
-        } else if !v.ieu.is_null() {
-            bail!("expected a mapping of IEU settings");
+        let Some(v) = self.variants.get(defence) else {
+            return Ok(self.defaults.ieu.clone());
+        };
+        // Merge in JSON form, where externally tagged enums are plain maps.
+        let mut base = serde_json::to_value(&self.defaults.ieu)?;
+        match (&mut base, serde_json::to_value(&v.ieu)?) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(o)) => b.extend(o),
+            (_, serde_json::Value::Null) => {}
+            _ => bail!("expected a mapping of IEU settings"),
         }
-        Ok(serde_yaml_ng::from_value(base)?)
+        Ok(serde_json::from_value(base)?)
     }
 
     /// The built-in defence behind a grid entry.
     pub fn defence_base<'a>(&'a self, defence: &'a str) -> &'a str {
-        self.variants.get(defence).map(|v| v.base.as_str()).unwrap_or(defence)
+        self.variants
+            .get(defence)
+            .map(|v| v.base.as_str())
+            .unwrap_or(defence)
     }
 }
 
@@ -613,12 +617,19 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
     }
     for (name, v) in &spec.variants {
         if DEFENCES.iter().any(|(n, _)| n == name) {
-            bail!("{file}: field `variants.{name}`: a variant cannot reuse the built-in defence name '{name}'");
+            bail!(
+                "{file}: field `variants.{name}`: a variant cannot reuse the built-in defence name '{name}'"
+            );
         }
         if v.base != "ieu" {
-            bail!("{file}: field `variants.{name}.base`: '{}' has no settings to vary (only ieu)", v.base);
+            bail!(
+                "{file}: field `variants.{name}.base`: '{}' has no settings to vary (only ieu)",
+                v.base
+            );
         }
-        let ieu = spec.ieu_settings(name).map_err(|e| anyhow!("{file}: field `variants.{name}.ieu`: {e}"))?;
+        let ieu = spec
+            .ieu_settings(name)
+            .map_err(|e| anyhow!("{file}: field `variants.{name}.ieu`: {e}"))?;
         validate_ieu(&ieu, file, &format!("variants.{name}.ieu"))?;
     }
     validate_ieu(&d.ieu, file, "defaults.ieu")?;
@@ -659,16 +670,26 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
 
 fn validate_ieu(ieu: &IeuDefaults, file: &str, at: &str) -> Result<()> {
     if !(ieu.c_thresh > 0.0 && ieu.c_thresh < 1.0) {
-        bail!("{file}: field `{at}.c_thresh`: {} is not in (0, 1)", ieu.c_thresh);
+        bail!(
+            "{file}: field `{at}.c_thresh`: {} is not in (0, 1)",
+            ieu.c_thresh
+        );
     }
     if ieu.fp_depth == 0 {
         bail!("{file}: field `{at}.fp_depth`: must be at least 1");
     }
     if !(ieu.gate_noise_std >= 0.0 && ieu.gate_noise_std.is_finite()) {
-        bail!("{file}: field `{at}.gate_noise_std`: {} must be a non-negative number", ieu.gate_noise_std);
+        bail!(
+            "{file}: field `{at}.gate_noise_std`: {} must be a non-negative number",
+            ieu.gate_noise_std
+        );
     }
-    ieu.unlearn_rate.validate().map_err(|e| anyhow!("{file}: field `{at}.unlearn_rate`: {e}"))?;
-    ieu.stage1_loss.validate().map_err(|e| anyhow!("{file}: field `{at}.stage1_loss`: {e}"))?;
+    ieu.unlearn_rate
+        .validate()
+        .map_err(|e| anyhow!("{file}: field `{at}.unlearn_rate`: {e}"))?;
+    ieu.stage1_loss
+        .validate()
+        .map_err(|e| anyhow!("{file}: field `{at}.stage1_loss`: {e}"))?;
     Ok(())
 }
 
@@ -782,6 +803,37 @@ report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown axis 'colour'"), "{e}");
+    }
+
+    #[test]
+    fn variants_override_ieu_settings_and_are_checked() {
+        let spec = GOOD.replace(
+            "name: t",
+            "name: t\ndefaults: { ieu: { unlearn_rate: { constant: 2.0 } } }\nvariants:\n  ieu-nm: { base: ieu, ieu: { logit_masking: false, c_thresh: 0.9 } }",
+        );
+        let spec = spec.replace("defence: [none, ieu]", "defence: [none, ieu, ieu-nm]");
+        let s = LoadedSpec::from_str(&spec, "t.yaml", ".".into()).unwrap();
+        let v = s.spec.ieu_settings("ieu-nm").unwrap();
+        assert!(!v.logit_masking && v.c_thresh == 0.9);
+        assert_eq!(
+            v.unlearn_rate,
+            crate::defences::ieu::UnlearnRate::Constant(2.0),
+            "inherits defaults"
+        );
+        assert_eq!(s.spec.defence_base("ieu-nm"), "ieu");
+        let bad = spec.replace("c_thresh: 0.9", "c_tresh: 0.9");
+        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("variants.ieu-nm") && e.contains("c_tresh"),
+            "{e}"
+        );
+        let bad = spec.replace("c_thresh: 0.9", "c_thresh: 1.5");
+        let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("variants.ieu-nm.ieu.c_thresh"), "{e}");
     }
 
     #[test]

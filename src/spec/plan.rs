@@ -137,10 +137,30 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                     "none" => (DefenceParams::None, None),
                     "ieu" => {
                         let ieu = s.ieu_settings(defence)?;
-                        let sp = Stage1Params::from_scale(scale, ieu.fp_depth, ieu.stage1_loss.clone(), d.seed);
+                        if ieu.fp_depth > scale.model.depth {
+                            bail!(
+                                "{}: defence {defence}: f_p depth {} exceeds the {}-block model of this scale",
+                                spec.origin,
+                                ieu.fp_depth,
+                                scale.model.depth
+                            );
+                        }
+                        let mut label = format!("stage1 f_p {dataset}/{attack}");
+                        if ieu.fp_depth != 1 {
+                            label.push_str(&format!(" depth {}", ieu.fp_depth));
+                        }
+                        if !ieu.stage1_loss.is_ce() {
+                            label.push_str(&format!(" {:?}", ieu.stage1_loss).to_lowercase());
+                        }
+                        let sp = Stage1Params::from_scale(
+                            scale,
+                            ieu.fp_depth,
+                            ieu.stage1_loss.clone(),
+                            d.seed,
+                        );
                         let fp_key = plan.add(Step::new(
                             Kind::Stage1,
-                            format!("stage1 f_p {dataset}/{attack}"),
+                            label,
                             &sp,
                             inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
                         )?);

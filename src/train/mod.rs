@@ -196,8 +196,9 @@ pub fn iters_per_epoch(n: usize, batch: usize) -> usize {
 }
 
 /// The training loss: cross-entropy, or ABL's LGA / Flooding variants of it.
+/// Written `ce`, `{lga: gamma}` or `{flooding: gamma}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", try_from = "LossRepr")]
 pub enum LossKind {
     #[default]
     Ce,
@@ -205,6 +206,28 @@ pub enum LossKind {
     Lga(f64),
     /// Flooding: |ℓ − γ| + γ.
     Flooding(f64),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LossRepr {
+    Name(String),
+    Lga { lga: f64 },
+    Flooding { flooding: f64 },
+}
+
+impl TryFrom<LossRepr> for LossKind {
+    type Error = String;
+    fn try_from(r: LossRepr) -> Result<Self, String> {
+        match r {
+            LossRepr::Name(n) if n == "ce" => Ok(LossKind::Ce),
+            LossRepr::Name(n) => Err(format!(
+                "unknown loss '{n}' (ce, {{lga: gamma}}, {{flooding: gamma}})"
+            )),
+            LossRepr::Lga { lga } => Ok(LossKind::Lga(lga)),
+            LossRepr::Flooding { flooding } => Ok(LossKind::Flooding(flooding)),
+        }
+    }
 }
 
 impl LossKind {
@@ -503,6 +526,7 @@ mod tests {
             lr,
             wd,
             seed: 3,
+            loss: LossKind::Ce,
         };
         let (model, log) = train_supervised(model, &raw.train, &meta, &sup, &ad).unwrap();
         assert!(
