@@ -133,6 +133,19 @@ fn load(
     Ok((spec, scale, plan, store))
 }
 
+/// Opens an existing store (never creating one) and resolves a step hash or prefix in it.
+fn resolve_in_store(root: &std::path::Path, hash: &str) -> Result<(Store, String)> {
+    if !root.join("objects").is_dir() {
+        bail!(
+            "no store at {} (pass --store or set IEU_STORE)",
+            root.display()
+        );
+    }
+    let store = Store::open(root)?;
+    let key = store.resolve(hash)?;
+    Ok((store, key))
+}
+
 pub fn main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { common, dry_run } => {
@@ -214,14 +227,7 @@ pub fn main(cli: Cli) -> Result<()> {
             store,
             verify,
         } => {
-            if !store.join("objects").is_dir() {
-                bail!(
-                    "no store at {} (pass --store or set IEU_STORE)",
-                    store.display()
-                );
-            }
-            let store = Store::open(&store)?;
-            let key = store.resolve(&hash)?;
+            let (store, key) = resolve_in_store(&store, &hash)?;
             let m = store.manifest(&key)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
             if verify {
@@ -231,14 +237,7 @@ pub fn main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export { hash, out, store } => {
-            if !store.join("objects").is_dir() {
-                bail!(
-                    "no store at {} (pass --store or set IEU_STORE)",
-                    store.display()
-                );
-            }
-            let store = Store::open(&store)?;
-            let key = store.resolve(&hash)?;
+            let (store, key) = resolve_in_store(&store, &hash)?;
             let dir = store.object_dir(&key);
             if !dir.join("model.safetensors").is_file() {
                 let kind = store.manifest(&key)?.kind;

@@ -51,9 +51,16 @@ pub fn named_params<M: Module>(m: &M) -> BTreeMap<String, (Vec<usize>, Vec<f32>)
     c.out
 }
 
-pub fn save_safetensors<M: Module>(m: &M, path: &Path) -> Result<()> {
-    let params = named_params(m);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = params
+/// Parameters by name: shape and row-major f32 values.
+pub type Named = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Writes named f32 tensors as safetensors (sorted by name, so the bytes are reproducible).
+pub fn write_named(
+    named: Named,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = named
         .into_iter()
         .map(|(k, (shape, v))| (k, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
         .collect();
@@ -61,8 +68,19 @@ pub fn save_safetensors<M: Module>(m: &M, path: &Path) -> Result<()> {
         .iter()
         .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<_>>()?;
-    let data = safetensors::serialize(views, None)?;
-    crate::store::write_synced(path, &data)
+    crate::store::write_synced(path, &safetensors::serialize(views, metadata)?)
+}
+
+/// The values of an F32 safetensors view.
+pub fn f32_values(view: &safetensors::tensor::TensorView<'_>) -> Vec<f32> {
+    view.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub fn save_safetensors<M: Module>(m: &M, path: &Path) -> Result<()> {
+    write_named(named_params(m), None, path)
 }
 
 struct Load {
@@ -124,11 +142,7 @@ pub fn load_safetensors<M: Module>(m: M, path: &Path, device: &Device) -> Result
                 view.dtype()
             );
         }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data = f32_values(&view);
         tensors.insert(name, (view.shape().to_vec(), data));
     }
     let total = tensors.len();

@@ -13,11 +13,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
-use safetensors::tensor::{Dtype, TensorView};
 
-use super::{Vit, VitConfig, named_params};
-
-type Named = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+use super::{Named, Vit, VitConfig, f32_values, named_params, write_named};
 
 fn transpose(shape: &[usize], v: &[f32]) -> (Vec<usize>, Vec<f32>) {
     let (r, c) = (shape[0], shape[1]);
@@ -61,20 +58,10 @@ pub fn to_timm(vit: &Vit, cfg: &VitConfig) -> Named {
 }
 
 pub fn export(vit: &Vit, cfg: &VitConfig, path: &Path) -> Result<()> {
-    let named = to_timm(vit, cfg);
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = named
-        .into_iter()
-        .map(|(k, (s, v))| (k, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = bytes
-        .iter()
-        .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("ieu_bench_config".to_string(), serde_json::to_string(cfg)?);
-    let data = safetensors::serialize(views, Some(meta))?;
-    crate::store::write_synced(path, &data)
+    write_named(to_timm(vit, cfg), Some(meta), path)
 }
 
 /// Reads a timm-layout file written by [`export`] back into a ViT of `cfg`.
@@ -91,11 +78,7 @@ pub fn import(path: &Path, cfg: &VitConfig, device: &Device) -> Result<Vit> {
             missing.push(tname);
             continue;
         };
-        let v: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let v = f32_values(&view);
         let entry = if name == "patch_embed.weight" || lin {
             let (r, c) = (view.shape()[0], view.shape()[1..].iter().product());
             transpose(&[r, c], &v)
@@ -116,15 +99,7 @@ pub fn import(path: &Path, cfg: &VitConfig, device: &Device) -> Result<Vit> {
         bail!("{}: missing keys: {}", path.display(), missing.join(", "));
     }
     let tmp = tempfile::NamedTempFile::new()?;
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = burn_named
-        .into_iter()
-        .map(|(k, (s, v))| (k, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = bytes
-        .iter()
-        .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    std::fs::write(tmp.path(), safetensors::serialize(views, None)?)?;
+    write_named(burn_named, None, tmp.path())?;
     super::load_safetensors(model, tmp.path(), device)
 }
 
