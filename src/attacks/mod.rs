@@ -14,8 +14,8 @@
 pub mod badnets;
 pub mod batt;
 pub mod blended;
-pub mod l0_inv;
-pub mod l2_inv;
+pub mod invisible_l0;
+pub mod invisible_l2;
 pub mod sig;
 pub mod smooth;
 pub mod trojan;
@@ -192,14 +192,14 @@ pub fn build(
         } => {
             let file = file_if(trigger_digest, &files.trigger, "trigger")?;
             let mask = file_if(mask_digest, &files.mask, "mask")?;
-            l0_inv::trigger(size, *pixels, seed, file.as_deref(), mask.as_deref())?
+            invisible_l0::trigger(size, *pixels, seed, file.as_deref(), mask.as_deref())?
         }
         AttackParams::L2Inv {
             l2_norm,
             trigger_digest,
         } => {
             let file = file_if(trigger_digest, &files.trigger, "trigger")?;
-            l2_inv::trigger(size, *l2_norm, seed, file.as_deref())?
+            invisible_l2::trigger(size, *l2_norm, seed, file.as_deref())?
         }
         AttackParams::Smooth {
             max,

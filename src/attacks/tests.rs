@@ -216,7 +216,7 @@ fn invisible_attacks_stay_within_their_bounds() {
             &tune,
             &test,
         );
-        let budget = l2_inv::budget(3.0, size);
+        let budget = invisible_l2::budget(3.0, size);
         for &i in &r.indices {
             let d: f64 = r
                 .tune
