@@ -157,12 +157,8 @@ fn file_if(digest: &Option<String>, path: &Option<PathBuf>, what: &str) -> Resul
     }
 }
 
-/// Builds the trigger (and, for WaNet, the noise-mode trigger) for an image size.
-pub fn build(
-    p: &PoisonParams,
-    size: usize,
-    files: &TriggerFiles,
-) -> Result<(Trigger, Option<Trigger>)> {
+/// Builds the trigger of an attack for an image size.
+pub fn build(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
     let seed = p.seed;
     let t = match &p.attack {
         AttackParams::BadnetsWhite(b) => b.trigger(size),
@@ -210,12 +206,11 @@ pub fn build(
         }
         AttackParams::Sig(s) => s.trigger(size),
         AttackParams::Batt(b) => Trigger::Rotate { degrees: b.degrees },
-        AttackParams::Wanet(w) => {
-            let (grid, noisy) = w.grids(size, seed);
-            return Ok((Trigger::Warp { grid }, Some(Trigger::Warp { grid: noisy })));
-        }
+        AttackParams::Wanet(w) => Trigger::Warp {
+            grid: w.grid(size, seed),
+        },
     };
-    Ok((t, None))
+    Ok(t)
 }
 
 /// Chooses round(α · #non-target) non-target images of `set`, seeded; sorted indices.
@@ -240,13 +235,7 @@ pub struct Poisoned {
     pub test: ImageSet,
 }
 
-pub fn poison(
-    p: &PoisonParams,
-    tune: &ImageSet,
-    test: &ImageSet,
-    trigger: &Trigger,
-    noise: Option<&Trigger>,
-) -> Poisoned {
+pub fn poison(p: &PoisonParams, tune: &ImageSet, test: &ImageSet, trigger: &Trigger) -> Poisoned {
     let size = tune.size;
     let target = p.target as u16;
     let indices = if p.attack.clean_label() {
@@ -263,7 +252,7 @@ pub fn poison(
         ptune.labels[i] = target;
     }
     let mut noise_indices = Vec::new();
-    if let (Some(noise), AttackParams::Wanet(w)) = (noise, &p.attack) {
+    if let (Trigger::Warp { grid }, AttackParams::Wanet(w)) = (trigger, &p.attack) {
         // Noise mode: cross_ratio × #poisoned further images, warped with noise, labels kept.
         let mut rest: Vec<usize> = (0..tune.len())
             .filter(|i| indices.binary_search(i).is_err())
@@ -272,13 +261,11 @@ pub fn poison(
         let n = ((w.cross_ratio * indices.len() as f64).round() as usize).min(rest.len());
         noise_indices = rest[..n].to_vec();
         noise_indices.sort_unstable();
-        if let Trigger::Warp { grid } = noise {
-            for &i in &noise_indices {
-                let noisy = Trigger::Warp {
-                    grid: wanet::Wanet::noisy(grid, size, p.seed, i),
-                };
-                noisy.apply(ptune.image_mut(i), size);
-            }
+        for &i in &noise_indices {
+            let noisy = Trigger::Warp {
+                grid: wanet::Wanet::noisy(grid, size, p.seed, i),
+            };
+            noisy.apply(ptune.image_mut(i), size);
         }
     }
     let mut ptest = ImageSet::new(size);
@@ -317,8 +304,8 @@ pub fn run_poison_step(
     }
     let tune = ImageSet::load(&dataset_dir.join("tune.safetensors"))?;
     let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
-    let (trigger, noise) = build(p, tune.size, files)?;
-    let res = poison(p, &tune, &test, &trigger, noise.as_ref());
+    let trigger = build(p, tune.size, files)?;
+    let res = poison(p, &tune, &test, &trigger);
     res.tune.save(&out.join("tune.safetensors"))?;
     res.test.save(&out.join("test.safetensors"))?;
     crate::store::write_synced(

@@ -53,8 +53,8 @@ fn params(attack: AttackParams, seed: u64) -> PoisonParams {
 }
 
 fn run(p: &PoisonParams, tune: &ImageSet, test: &ImageSet) -> Poisoned {
-    let (t, n) = build(p, tune.size, &TriggerFiles::default()).unwrap();
-    poison(p, tune, test, &t, n.as_ref())
+    let t = build(p, tune.size, &TriggerFiles::default()).unwrap();
+    poison(p, tune, test, &t)
 }
 
 #[test]
@@ -269,7 +269,7 @@ fn trigger_files_are_honoured() {
     let mut img = vec![10u8; 3 * 256];
     let d = Some("digest".to_string());
     // Additive file trigger: x + T.
-    let (t, _) = build(
+    let t = build(
         &params(
             AttackParams::TrojanSq {
                 trigger_digest: d.clone(),
@@ -283,7 +283,7 @@ fn trigger_files_are_honoured() {
     t.apply(&mut img, 16);
     assert!(img[..256].iter().all(|&v| v == 50) && img[512..].iter().all(|&v| v == 70));
     // Blend with α = 1 reproduces the file.
-    let (t, _) = build(
+    let t = build(
         &params(
             AttackParams::Blended {
                 alpha: 1.0,
@@ -336,7 +336,7 @@ fn published_trigger_files_load() {
         mask: Some(mask),
     };
     let d = Some("x".to_string());
-    let (t, _) = build(
+    let t = build(
         &params(
             AttackParams::L0Inv {
                 pixels: 9,
@@ -364,7 +364,7 @@ fn published_trigger_files_load() {
         trigger: Some(smooth),
         mask: None,
     };
-    let (t, _) = build(
+    let t = build(
         &params(
             AttackParams::Smooth {
                 max: 0.2,

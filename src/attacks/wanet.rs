@@ -73,9 +73,9 @@ fn upsample(plane: &[f64], k: usize, size: usize) -> Vec<f64> {
 }
 
 impl Wanet {
-    /// The warping grid (x, y per pixel, in [−1, 1]) and, for noise mode, the same grid;
-    /// per-image noise is added by [`Wanet::noisy`].
-    pub fn grids(&self, size: usize, seed: u64) -> (Vec<[f32; 2]>, Vec<[f32; 2]>) {
+    /// The warping grid (x, y per pixel, in [−1, 1]); noise mode adds per-image noise to it
+    /// with [`Wanet::noisy`].
+    pub fn grid(&self, size: usize, seed: u64) -> Vec<[f32; 2]> {
         let k = self.k.max(2);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x3A7E7);
         let ins: Vec<f64> = (0..2 * k * k)
@@ -110,7 +110,7 @@ impl Wanet {
                 grid[p] = [gx.clamp(-1.0, 1.0) as f32, gy.clamp(-1.0, 1.0) as f32];
             }
         }
-        (grid.clone(), grid)
+        grid
     }
 
     /// The noise-mode grid of one image: the warp plus uniform noise in ±1/H.
@@ -156,7 +156,7 @@ mod tests {
             s: 0.0,
             ..Default::default()
         };
-        let (grid, _) = w.grids(16, 1);
+        let grid = w.grid(16, 1);
         let mut img: Vec<u8> = (0..3 * 256).map(|i| (i * 7 % 256) as u8).collect();
         let orig = img.clone();
         warp(&mut img, 16, &grid);

@@ -129,9 +129,9 @@ mod tests {
             let mut m = vec![0f32; 16 * 16];
             for &i in &idx {
                 let img = s.train.image(i);
+                // Foreground proxy: distance from the image mean.
+                let avg: f32 = img.iter().map(|&v| v as f32).sum::<f32>() / img.len() as f32;
                 for p in 0..256 {
-                    // foreground mask proxy: distance from image mean
-                    let avg: f32 = img.iter().map(|&v| v as f32).sum::<f32>() / img.len() as f32;
                     m[p] += ((img[p] as f32) - avg).abs() / idx.len() as f32;
                 }
             }

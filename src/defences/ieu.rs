@@ -234,7 +234,7 @@ pub fn dynamic_unlearn_scale(k: usize, prev_loss: f64, num_classes: usize) -> f6
 }
 
 /// Eq. 1: ŷ = ŷ_p·(1 − m) + ŷ_r·m with m = 1[max σ(ŷ_p) < c_thresh] per row. ŷ_p carries
-/// no gradient (f_p is frozen). `repeat` stacks the rows for several views of the batch.
+/// no gradient (f_p is frozen).
 pub fn masked_logits(y_p: Tensor<2>, y_r: Tensor<2>, c_thresh: f64) -> Tensor<2> {
     let conf = softmax(y_p.clone(), 1).max_dim(1); // [B, 1]
     let m = conf.lower_elem(c_thresh).float(); // [B, 1]

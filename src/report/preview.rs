@@ -103,7 +103,7 @@ pub fn write_preview(
             target,
             seed: 0,
         };
-        let (trigger, _) = build(&p, size, &TriggerFiles::default())?;
+        let trigger = build(&p, size, &TriggerFiles::default())?;
         let mut poisoned = clean.to_vec();
         trigger.apply(&mut poisoned, size);
         let diff: Vec<i32> = poisoned
