@@ -212,17 +212,42 @@ impl Executor {
                     dev,
                 )?;
             }
+            Kind::Isolate => {
+                let p: crate::defences::abl::IsolateParams = step.params()?;
+                let poison = self.input(step, "poison")?;
+                let dataset = self.dataset_of(&poison)?;
+                let g = crate::defences::abl::run_isolate_step(
+                    &p,
+                    &dataset,
+                    &poison,
+                    &self.input(step, "pretrain")?,
+                    out,
+                    dev,
+                )?;
+                tracing::info!(
+                    "    isolated {} images, {} of them poisoned",
+                    g.poisoned_flagged + g.clean_flagged,
+                    g.poisoned_flagged
+                );
+            }
             Kind::Finetune => {
                 let p: crate::defences::FinetuneParams = step.params()?;
                 let poison = self.input(step, "poison")?;
                 let dataset = self.dataset_of(&poison)?;
                 let pretrain = self.input(step, "pretrain")?;
-                let stage1 = step.inputs.get("stage1").map(|k| self.store.object_dir(k));
+                let optional = |role: &str| step.inputs.get(role).map(|k| self.store.object_dir(k));
+                let (stage1, isolate, backdoored) = (
+                    optional("stage1"),
+                    optional("isolate"),
+                    optional("backdoored"),
+                );
                 let inputs = crate::defences::FinetuneInputs {
                     dataset: &dataset,
                     poison: &poison,
                     pretrain: &pretrain,
                     stage1: stage1.as_deref(),
+                    isolate: isolate.as_deref(),
+                    backdoored: backdoored.as_deref(),
                 };
                 crate::defences::run_finetune_step(&p, &inputs, out, dev)?;
             }

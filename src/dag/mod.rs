@@ -25,6 +25,8 @@ pub enum Kind {
     Pretrain,
     /// IEU stage 1: tune the shallow poisoned module f_p.
     Stage1,
+    /// ABL's isolation: an LGA finetune and the lowest-loss r_isol fraction.
+    Isolate,
     /// Finetune f_r under a defence.
     Finetune,
     /// CA, ASR and isolation metrics of a finetuned model.
@@ -38,6 +40,7 @@ impl Kind {
             Kind::Poison => "poison",
             Kind::Pretrain => "pretrain",
             Kind::Stage1 => "stage1",
+            Kind::Isolate => "isolate",
             Kind::Finetune => "finetune",
             Kind::Evaluate => "evaluate",
         }
@@ -50,6 +53,7 @@ impl Kind {
             Kind::Poison => crate::attacks::POISON_VERSION,
             Kind::Pretrain => crate::train::PRETRAIN_VERSION,
             Kind::Stage1 => crate::defences::ieu::STAGE1_VERSION,
+            Kind::Isolate => crate::defences::abl::ISOLATE_VERSION,
             Kind::Finetune => crate::defences::FINETUNE_VERSION,
             Kind::Evaluate => crate::metrics::EVALUATE_VERSION,
         }

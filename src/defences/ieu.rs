@@ -493,11 +493,7 @@ pub fn run_stage2(
         stats.loss_per_epoch.push(sum / count.max(1) as f64);
     }
     progress.finish();
-    crate::models::save_vit(&model.valid(), &cfg, out)?;
-    crate::store::write_synced(
-        &out.join("train_stats.json"),
-        serde_json::to_string_pretty(&stats)?.as_bytes(),
-    )
+    crate::models::save_with_stats(&model.valid(), &cfg, &stats, out)
 }
 
 #[cfg(test)]

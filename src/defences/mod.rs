@@ -6,6 +6,9 @@
 //! the learning rate, weight decay following a cosine from `wd_start` to `wd_end`, and the
 //! SiT training views.
 
+pub mod abl;
+pub mod attnblock;
+pub mod ibau;
 pub mod ieu;
 pub mod none;
 
@@ -39,6 +42,13 @@ pub enum DefenceParams {
         #[serde(default, skip_serializing_if = "is_zero")]
         gate_noise_std: f64,
     },
+    /// ABL's unlearning phase on the isolation step's model (`abl.rs`).
+    Abl {
+        unlearn_lr: f64,
+        unlearn_epochs: usize,
+    },
+    /// I-BAU on the no-defence model (`ibau.rs`).
+    Ibau(ibau::IbauParams),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +96,10 @@ pub struct FinetuneInputs<'a> {
     pub poison: &'a Path,
     pub pretrain: &'a Path,
     pub stage1: Option<&'a Path>,
+    /// ABL's isolation step.
+    pub isolate: Option<&'a Path>,
+    /// The no-defence model post-training defences start from (I-BAU).
+    pub backdoored: Option<&'a Path>,
 }
 
 /// Runs the `finetune` step: writes the defended f_r (`model.safetensors`, `config.json`)
@@ -114,6 +128,30 @@ pub fn run_finetune_step(
                 gate_noise_std: *gate_noise_std,
             };
             ieu::run_stage2(p, &settings, inputs, stage1, out, device)
+        }
+        DefenceParams::Abl {
+            unlearn_lr,
+            unlearn_epochs,
+        } => {
+            let Some(isolate) = inputs.isolate else {
+                bail!("abl unlearning needs the isolation step")
+            };
+            abl::run_unlearn(
+                p,
+                *unlearn_lr,
+                *unlearn_epochs,
+                inputs.dataset,
+                inputs.poison,
+                isolate,
+                out,
+                device,
+            )
+        }
+        DefenceParams::Ibau(ip) => {
+            let Some(backdoored) = inputs.backdoored else {
+                bail!("i-bau needs the backdoored (no-defence) model")
+            };
+            ibau::run(ip, p.seed, inputs.dataset, backdoored, out, device)
         }
     }
 }

@@ -41,10 +41,6 @@ pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Dev
     };
     let ad = device.clone().autodiff();
     let (model, log) = train_supervised(model, &tune, &meta, &sup, &ad)?;
-    crate::models::save_vit(&model.valid(), &cfg, out)?;
     let stats = serde_json::json!({ "loss_per_epoch": log });
-    crate::store::write_synced(
-        &out.join("train_stats.json"),
-        serde_json::to_string_pretty(&stats)?.as_bytes(),
-    )
+    crate::models::save_with_stats(&model.valid(), &cfg, &stats, out)
 }

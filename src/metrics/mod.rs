@@ -15,6 +15,9 @@ pub const EVALUATE_VERSION: u32 = 1;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalParams {
     pub batch_size: usize,
+    /// AttnBlock: the test-time defence blocks a patch of every input before classifying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attnblock: Option<crate::defences::attnblock::AttnBlockEval>,
 }
 
 /// Percentages.
@@ -63,17 +66,34 @@ pub fn run_evaluate_step(
     device: &Device,
 ) -> Result<Metrics> {
     let meta = crate::data::load_meta(dataset)?;
-    let (model, _) = crate::models::load_vit(finetune, device)?;
     let clean = ImageSet::load(&dataset.join("test.safetensors"))?;
     let triggered = ImageSet::load(&poison.join("test.safetensors"))?;
-    let ca = crate::train::accuracy(
-        &crate::train::predict(&model, &clean, &meta, p.batch_size, device),
-        &clean,
-    );
-    let asr = crate::train::accuracy(
-        &crate::train::predict(&model, &triggered, &meta, p.batch_size, device),
-        &triggered,
-    );
+    let (ca, asr) = match &p.attnblock {
+        None => {
+            let (model, _) = crate::models::load_vit(finetune, device)?;
+            let acc = |set: &ImageSet| {
+                crate::train::accuracy(
+                    &crate::train::predict(&model, set, &meta, p.batch_size, device),
+                    set,
+                )
+            };
+            (acc(&clean), acc(&triggered))
+        }
+        Some(ab) => {
+            let (model, _) = crate::models::load_vit(finetune, &device.clone().autodiff())?;
+            // GradRollout keeps every block's attention gradient: smaller batches.
+            let batch = p.batch_size.min(64);
+            let acc = |set: &ImageSet| {
+                crate::train::accuracy(
+                    &crate::defences::attnblock::predict_blocked(
+                        &model, set, &meta, batch, ab, device,
+                    ),
+                    set,
+                )
+            };
+            (acc(&clean), acc(&triggered))
+        }
+    };
     let mut m = Metrics {
         ca,
         asr,
@@ -83,12 +103,18 @@ pub fn run_evaluate_step(
     };
     let stats_path = finetune.join("train_stats.json");
     if let Ok(text) = std::fs::read_to_string(&stats_path) {
-        if let Ok(s) = serde_json::from_str::<crate::defences::ieu::Stage2Stats>(&text) {
+        // IEU's gate, or ABL's isolated set: positive = flagged as poisoned.
+        #[derive(Deserialize)]
+        struct Flagged {
+            gate: crate::defences::ieu::GateStats,
+            unlearn_steps: Option<usize>,
+        }
+        if let Ok(s) = serde_json::from_str::<Flagged>(&text) {
             m.fpr = Some(s.gate.fpr());
             m.fnr = Some(s.gate.fnr());
             m.poison_flagged = Some(s.gate.poison_flagged_pct());
             m.clean_flagged = Some(s.gate.fpr());
-            m.unlearn_steps = Some(s.unlearn_steps as f64);
+            m.unlearn_steps = s.unlearn_steps.map(|n| n as f64);
         }
     }
     crate::store::write_synced(

@@ -192,6 +192,20 @@ pub fn load_vit(dir: &Path, device: &Device) -> Result<(Vit, VitConfig)> {
     Ok((vit, cfg))
 }
 
+/// Writes a trained model (as [`save_vit`]) and its statistics as `train_stats.json`.
+pub fn save_with_stats<S: serde::Serialize>(
+    vit: &Vit,
+    cfg: &VitConfig,
+    stats: &S,
+    dir: &Path,
+) -> Result<()> {
+    save_vit(vit, cfg, dir)?;
+    crate::store::write_synced(
+        &dir.join("train_stats.json"),
+        serde_json::to_string_pretty(stats)?.as_bytes(),
+    )
+}
+
 pub fn save_vit(vit: &Vit, cfg: &VitConfig, dir: &Path) -> Result<()> {
     save_config(cfg, &dir.join("config.json"))?;
     save_safetensors(vit, &dir.join("model.safetensors"))

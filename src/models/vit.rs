@@ -98,6 +98,13 @@ pub struct Attention {
 
 impl Attention {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_probed(x, None)
+    }
+
+    /// The forward pass with the attention weights A [B, H, N, N] multiplied by `probe`.
+    /// A probe of ones that requires grad leaves the output unchanged and receives the
+    /// gradient A ⊙ ∂L/∂A, which is what GradRollout fuses (see `defences::attnblock`).
+    pub fn forward_probed(&self, x: Tensor<3>, probe: Option<Tensor<4>>) -> Tensor<3> {
         let [b, n, d] = x.dims();
         let hd = d / self.heads;
         // [B, N, 3, H, hd] -> [3, B, H, N, hd]
@@ -110,7 +117,10 @@ impl Attention {
         let k: Tensor<4> = qkv.clone().slice([1..2]).reshape([b, self.heads, n, hd]);
         let v: Tensor<4> = qkv.slice([2..3]).reshape([b, self.heads, n, hd]);
         let scale = (hd as f64).powf(-0.5);
-        let attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+        let mut attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+        if let Some(m) = probe {
+            attn = attn * m;
+        }
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, d]);
         self.proj.forward(out)
     }
@@ -148,7 +158,11 @@ impl Block {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x));
+        self.forward_probed(x, None)
+    }
+
+    pub fn forward_probed(&self, x: Tensor<3>, probe: Option<Tensor<4>>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward_probed(self.norm1.forward(x), probe);
         let h = self
             .mlp
             .fc2
@@ -242,20 +256,30 @@ impl Vit {
 
     /// Token features after the final norm: [B, N+1, d].
     pub fn features(&self, x: Tensor<4>) -> Tensor<3> {
+        self.features_probed(x, &[])
+    }
+
+    /// [`Vit::features`] with one attention probe per block (or none: `&[]`).
+    pub fn features_probed(&self, x: Tensor<4>, probes: &[Tensor<4>]) -> Tensor<3> {
         let b = x.dims()[0];
         let tokens = self.patch_embed.forward(self.patchify(x));
         let d = tokens.dims()[2];
         let cls = self.cls_token.val().expand([b, 1, d]);
         let mut h = Tensor::cat(vec![cls, tokens], 1) + self.pos_embed.val();
-        for blk in &self.blocks {
-            h = blk.forward(h);
+        for (i, blk) in self.blocks.iter().enumerate() {
+            h = blk.forward_probed(h, probes.get(i).cloned());
         }
         self.norm.forward(h)
     }
 
     /// Logits [B, C].
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let h = self.features(x);
+        self.forward_probed(x, &[])
+    }
+
+    /// Logits with attention probes (see [`Attention::forward_probed`]).
+    pub fn forward_probed(&self, x: Tensor<4>, probes: &[Tensor<4>]) -> Tensor<2> {
+        let h = self.features_probed(x, probes);
         let [b, n1, d] = h.dims();
         let cls: Tensor<2> = h.clone().slice([0..b, 0..1]).reshape([b, d]);
         let mean: Tensor<2> = h.slice([0..b, 1..n1]).mean_dim(1).reshape([b, d]);
@@ -265,6 +289,14 @@ impl Vit {
 
     pub fn depth(&self) -> usize {
         self.blocks.len()
+    }
+
+    pub fn heads(&self) -> usize {
+        self.blocks.first().map(|b| b.attn.heads).unwrap_or(1)
+    }
+
+    pub fn patch_size(&self) -> usize {
+        self.patch_size
     }
 }
 

@@ -51,6 +51,9 @@ pub struct Defaults {
     pub model: String,
     pub attacks: AttackDefaults,
     pub ieu: IeuDefaults,
+    pub abl: crate::defences::abl::AblSettings,
+    pub ibau: crate::defences::ibau::IbauSettings,
+    pub attnblock: crate::defences::attnblock::AttnBlockSettings,
 }
 
 impl Default for Defaults {
@@ -62,6 +65,9 @@ impl Default for Defaults {
             model: "vit".into(),
             attacks: AttackDefaults::default(),
             ieu: IeuDefaults::default(),
+            abl: Default::default(),
+            ibau: Default::default(),
+            attnblock: Default::default(),
         }
     }
 }
@@ -200,11 +206,47 @@ impl Default for IeuDefaults {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Variant {
-    /// The built-in defence it is based on (`ieu`).
+    /// The built-in defence it is based on (`ieu`, `abl`, `ibau` or `attnblock`).
     pub base: String,
     /// IEU settings that differ from `defaults.ieu` (any of its fields).
     #[serde(default)]
     pub ieu: serde_yaml_ng::Value,
+    /// ABL settings that differ from `defaults.abl`.
+    #[serde(default)]
+    pub abl: serde_yaml_ng::Value,
+    /// I-BAU settings that differ from `defaults.ibau`.
+    #[serde(default)]
+    pub ibau: serde_yaml_ng::Value,
+    /// AttnBlock settings that differ from `defaults.attnblock`.
+    #[serde(default)]
+    pub attnblock: serde_yaml_ng::Value,
+}
+
+impl Variant {
+    /// The overrides given for a defence (`Null` when none).
+    fn overrides(&self, defence: &str) -> &serde_yaml_ng::Value {
+        match defence {
+            "ieu" => &self.ieu,
+            "abl" => &self.abl,
+            "ibau" => &self.ibau,
+            _ => &self.attnblock,
+        }
+    }
+}
+
+/// `base` with the keys of `overrides` replaced (merged in JSON form, where externally
+/// tagged enums are plain maps).
+fn merged<T: Serialize + DeserializeOwned>(
+    base: &T,
+    overrides: &serde_yaml_ng::Value,
+) -> Result<T> {
+    let mut base = serde_json::to_value(base)?;
+    match (&mut base, serde_json::to_value(overrides)?) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => b.extend(o),
+        (_, serde_json::Value::Null) => {}
+        _ => bail!("expected a mapping of settings"),
+    }
+    Ok(serde_json::from_value(base)?)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -218,17 +260,37 @@ pub struct Grid {
 impl Spec {
     /// The IEU settings of a defence entry: `defaults.ieu`, with a variant's overrides.
     pub fn ieu_settings(&self, defence: &str) -> Result<IeuDefaults> {
-        let Some(v) = self.variants.get(defence) else {
-            return Ok(self.defaults.ieu.clone());
-        };
-        // Merge in JSON form, where externally tagged enums are plain maps.
-        let mut base = serde_json::to_value(&self.defaults.ieu)?;
-        match (&mut base, serde_json::to_value(&v.ieu)?) {
-            (serde_json::Value::Object(b), serde_json::Value::Object(o)) => b.extend(o),
-            (_, serde_json::Value::Null) => {}
-            _ => bail!("expected a mapping of IEU settings"),
+        self.settings(defence, "ieu", &self.defaults.ieu)
+    }
+
+    /// The ABL settings of a defence entry (`defaults.abl` with a variant's overrides).
+    pub fn abl_settings(&self, defence: &str) -> Result<crate::defences::abl::AblSettings> {
+        self.settings(defence, "abl", &self.defaults.abl)
+    }
+
+    /// The I-BAU settings of a defence entry.
+    pub fn ibau_settings(&self, defence: &str) -> Result<crate::defences::ibau::IbauSettings> {
+        self.settings(defence, "ibau", &self.defaults.ibau)
+    }
+
+    /// The AttnBlock settings of a defence entry.
+    pub fn attnblock_settings(
+        &self,
+        defence: &str,
+    ) -> Result<crate::defences::attnblock::AttnBlockSettings> {
+        self.settings(defence, "attnblock", &self.defaults.attnblock)
+    }
+
+    fn settings<T: Clone + Serialize + DeserializeOwned>(
+        &self,
+        defence: &str,
+        base: &str,
+        defaults: &T,
+    ) -> Result<T> {
+        match self.variants.get(defence) {
+            Some(v) if v.base == base => merged(defaults, v.overrides(base)),
+            _ => Ok(defaults.clone()),
         }
-        Ok(serde_json::from_value(base)?)
     }
 
     /// The built-in defence behind a grid entry.
@@ -325,6 +387,53 @@ pub struct Scale {
     pub pretrain: PretrainSchedule,
     pub stage1: Stage1Schedule,
     pub finetune: FinetuneSchedule,
+    /// Learning rates of the baselines at this scale (the paper's values at `paper`).
+    #[serde(default)]
+    pub baselines: BaselineRates,
+}
+
+/// A value per dataset, with a `default` for datasets not listed.
+pub type PerDataset = BTreeMap<String, f64>;
+
+/// Scale-dependent learning rates of ABL and I-BAU (paper Appendix A.2, Table 12). The paper
+/// tuned them per dataset; specs can override them per defence variant.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineRates {
+    /// ABL's unlearning learning rate (Adam).
+    pub abl_unlearn_lr: PerDataset,
+    /// I-BAU's outer (model) learning rate (Adam).
+    pub ibau_outer_lr: PerDataset,
+    /// I-BAU's inner learning rate (SGD on the universal perturbation).
+    pub ibau_inner_lr: PerDataset,
+    /// Clean test images I-BAU unlearns with (5000 in the paper).
+    pub ibau_clean_images: usize,
+}
+
+impl Default for BaselineRates {
+    fn default() -> Self {
+        let map = |pairs: &[(&str, f64)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect::<PerDataset>()
+        };
+        Self {
+            abl_unlearn_lr: map(&[("default", 5e-7), ("gtsrb", 1e-6), ("tinyimagenet", 2e-7)]),
+            ibau_outer_lr: map(&[("default", 5e-5)]),
+            ibau_inner_lr: map(&[("default", 5.0), ("tinyimagenet", 10.0)]),
+            ibau_clean_images: 5000,
+        }
+    }
+}
+
+impl BaselineRates {
+    pub fn for_dataset(map: &PerDataset, dataset: &str) -> f64 {
+        map.get(dataset)
+            .or_else(|| map.get("default"))
+            .copied()
+            .unwrap_or(f64::NAN)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -621,18 +730,53 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
                 "{file}: field `variants.{name}`: a variant cannot reuse the built-in defence name '{name}'"
             );
         }
-        if v.base != "ieu" {
+        const TUNABLE: [&str; 4] = ["ieu", "abl", "ibau", "attnblock"];
+        if !TUNABLE.contains(&v.base.as_str()) {
             bail!(
-                "{file}: field `variants.{name}.base`: '{}' has no settings to vary (only ieu)",
-                v.base
+                "{file}: field `variants.{name}.base`: '{}' has no settings to vary (known: {})",
+                v.base,
+                TUNABLE.join(", ")
             );
         }
-        let ieu = spec
-            .ieu_settings(name)
-            .map_err(|e| anyhow!("{file}: field `variants.{name}.ieu`: {e}"))?;
-        validate_ieu(&ieu, file, &format!("variants.{name}.ieu"))?;
+        for other in TUNABLE {
+            if other != v.base && !v.overrides(other).is_null() {
+                bail!(
+                    "{file}: field `variants.{name}.{other}`: a variant based on {} cannot set {other} settings",
+                    v.base
+                );
+            }
+        }
+        let at = format!("variants.{name}.{}", v.base);
+        let wrap = |e: anyhow::Error| anyhow!("{file}: field `{at}`: {e}");
+        match v.base.as_str() {
+            "ieu" => validate_ieu(&spec.ieu_settings(name).map_err(wrap)?, file, &at)?,
+            "abl" => spec
+                .abl_settings(name)
+                .map_err(wrap)?
+                .validate()
+                .map_err(|e| anyhow!("{file}: field `{at}`: {e}"))?,
+            "ibau" => spec
+                .ibau_settings(name)
+                .map_err(wrap)?
+                .validate()
+                .map_err(|e| anyhow!("{file}: field `{at}`: {e}"))?,
+            _ => spec
+                .attnblock_settings(name)
+                .map_err(wrap)?
+                .validate()
+                .map_err(|e| anyhow!("{file}: field `{at}`: {e}"))?,
+        }
     }
     validate_ieu(&d.ieu, file, "defaults.ieu")?;
+    d.abl
+        .validate()
+        .map_err(|e| anyhow!("{file}: field `defaults.abl`: {e}"))?;
+    d.ibau
+        .validate()
+        .map_err(|e| anyhow!("{file}: field `defaults.ibau`: {e}"))?;
+    d.attnblock
+        .validate()
+        .map_err(|e| anyhow!("{file}: field `defaults.attnblock`: {e}"))?;
     let r = &spec.report;
     for (i, row) in r.rows.iter().enumerate() {
         if spec.grid.axis(row).is_none() {
@@ -729,6 +873,18 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
     ] {
         if !(v > 0.0 && v.is_finite()) {
             return Err(f(field, format!("{v} must be a positive number")));
+        }
+    }
+    for (field, map) in [
+        ("baselines.abl_unlearn_lr", &s.baselines.abl_unlearn_lr),
+        ("baselines.ibau_outer_lr", &s.baselines.ibau_outer_lr),
+        ("baselines.ibau_inner_lr", &s.baselines.ibau_inner_lr),
+    ] {
+        if !map.contains_key("default") {
+            return Err(f(field, "needs a `default` entry".into()));
+        }
+        if let Some((k, v)) = map.iter().find(|(_, v)| !(**v > 0.0 && v.is_finite())) {
+            return Err(f(field, format!("{k}: {v} must be a positive number")));
         }
     }
     if s.data.tune == 0 && s.data.pretrain == 0 {

@@ -36,9 +36,9 @@ pub const ATTACKS: &[(&str, Availability)] = &[
 pub const DEFENCES: &[(&str, Availability)] = &[
     ("none", Implemented),
     ("ieu", Implemented),
-    ("abl", NotYet),
-    ("ibau", NotYet),
-    ("attnblock", NotYet),
+    ("abl", Implemented),
+    ("ibau", Implemented),
+    ("attnblock", Implemented),
 ];
 
 pub fn availability(table: &[(&str, Availability)], name: &str) -> Option<Availability> {

@@ -1,8 +1,11 @@
 //! Resolving a spec at a scale into a DAG of steps.
 //!
-//! dataset ─┬─ poison ─┬──────────────── finetune(none) ── evaluate
-//!          │          └─ stage1 (f_p) ─ finetune(ieu)  ── evaluate
-//!          └─ pretrain ──────────────────┘ (f_r and f_p start from it)
+//! dataset ─┬─ poison ─┬──────────────── finetune(none) ─┬─ evaluate
+//!          │          │                                 ├─ evaluate(attnblock)
+//!          │          │                                 └─ finetune(ibau) ── evaluate
+//!          │          ├─ stage1 (f_p) ─ finetune(ieu)  ── evaluate
+//!          │          └─ isolate (ABL) ─ finetune(abl) ── evaluate
+//!          └─ pretrain ──────────────────┘ (f_r, f_p and ABL's model start from it)
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,8 +17,11 @@ use super::{LoadedSpec, Scale};
 use crate::attacks::{AttackParams, PoisonParams};
 use crate::dag::{Cell, Kind, Plan, Step};
 use crate::data::DatasetParams;
+use crate::defences::abl::IsolateParams;
+use crate::defences::ibau::IbauParams;
 use crate::defences::{DefenceParams, FinetuneParams, ieu::Stage1Params};
 use crate::metrics::EvalParams;
+use crate::spec::BaselineRates;
 use crate::train::PretrainParams;
 
 fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -132,9 +138,30 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             }
             let poison_key = plan.add(step);
 
+            // The undefended model of this cell: the `none` defence, and what post-training
+            // and test-time defences (I-BAU, AttnBlock) start from.
+            let none_ft = Step::new(
+                Kind::Finetune,
+                format!("finetune {dataset}/{attack}/none"),
+                &FinetuneParams::from_scale(scale, DefenceParams::None, d.seed),
+                inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
+            )?;
+            // The finetune step of a defence with one extra input (role, key).
+            let defended = |defence: &str, dp: DefenceParams, extra: (&str, &str)| {
+                Step::new(
+                    Kind::Finetune,
+                    format!("finetune {dataset}/{attack}/{defence}"),
+                    &FinetuneParams::from_scale(scale, dp, d.seed),
+                    inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key), extra]),
+                )
+            };
             for defence in &g.defence {
-                let (defence_params, fp_key) = match s.defence_base(defence) {
-                    "none" => (DefenceParams::None, None),
+                let mut eval_params = EvalParams {
+                    batch_size: scale.eval_batch_size,
+                    attnblock: None,
+                };
+                let ft_key = match s.defence_base(defence) {
+                    "none" => plan.add(none_ft.clone()),
                     "ieu" => {
                         let ieu = s.ieu_settings(defence)?;
                         if ieu.fp_depth > scale.model.depth {
@@ -164,32 +191,73 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                             &sp,
                             inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
                         )?);
-                        (
-                            DefenceParams::Ieu {
-                                c_thresh: ieu.c_thresh,
-                                logit_masking: ieu.logit_masking,
-                                unlearn_rate: ieu.unlearn_rate.clone(),
-                                gate_noise_std: ieu.gate_noise_std,
-                            },
-                            Some(fp_key),
-                        )
+                        let dp = DefenceParams::Ieu {
+                            c_thresh: ieu.c_thresh,
+                            logit_masking: ieu.logit_masking,
+                            unlearn_rate: ieu.unlearn_rate.clone(),
+                            gate_noise_std: ieu.gate_noise_std,
+                        };
+                        plan.add(defended(defence, dp, ("stage1", &fp_key))?)
+                    }
+                    "abl" => {
+                        let abl = s.abl_settings(defence)?;
+                        let ip = IsolateParams {
+                            finetune: FinetuneParams::from_scale(
+                                scale,
+                                DefenceParams::None,
+                                d.seed,
+                            ),
+                            loss: abl.isolation_loss.clone(),
+                            r_isol: abl.r_isol,
+                        };
+                        let iso_key = plan.add(Step::new(
+                            Kind::Isolate,
+                            format!("abl isolation {dataset}/{attack}"),
+                            &ip,
+                            inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
+                        )?);
+                        let dp = DefenceParams::Abl {
+                            unlearn_lr: abl.unlearn_lr.unwrap_or_else(|| {
+                                BaselineRates::for_dataset(&scale.baselines.abl_unlearn_lr, dataset)
+                            }),
+                            unlearn_epochs: abl.unlearn_epochs,
+                        };
+                        plan.add(defended(defence, dp, ("isolate", &iso_key))?)
+                    }
+                    "ibau" => {
+                        let none_key = plan.add(none_ft.clone());
+                        let ib = s.ibau_settings(defence)?;
+                        let b = &scale.baselines;
+                        let ip = IbauParams {
+                            rounds: ib.rounds,
+                            fixed_point_iters: ib.fixed_point_iters,
+                            fixed_point_lr: ib.fixed_point_lr,
+                            outer_lr: ib.outer_lr.unwrap_or_else(|| {
+                                BaselineRates::for_dataset(&b.ibau_outer_lr, dataset)
+                            }),
+                            inner_lr: ib.inner_lr.unwrap_or_else(|| {
+                                BaselineRates::for_dataset(&b.ibau_inner_lr, dataset)
+                            }),
+                            clean_images: ib.clean_images.unwrap_or(b.ibau_clean_images),
+                            batch_size: ib.batch_size,
+                            pert_radius: ib.pert_radius,
+                            patch_fraction: ib.patch_fraction,
+                            fd_step: ib.fd_step,
+                        };
+                        plan.add(defended(
+                            defence,
+                            DefenceParams::Ibau(ip),
+                            ("backdoored", &none_key),
+                        )?)
+                    }
+                    "attnblock" => {
+                        let ab = s.attnblock_settings(defence)?;
+                        eval_params.attnblock = Some(ab.at_size(scale.image_size));
+                        plan.add(none_ft.clone())
                     }
                     other => bail!("not implemented yet: defence {other}"),
                 };
-                let fp = FinetuneParams::from_scale(scale, defence_params, d.seed);
-                let mut ins = inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]);
-                if let Some(k) = &fp_key {
-                    ins.insert("stage1".into(), k.clone());
-                }
-                let ft_key = plan.add(Step::new(
-                    Kind::Finetune,
-                    format!("finetune {dataset}/{attack}/{defence}"),
-                    &fp,
-                    ins,
-                )?);
-                let ep = EvalParams {
-                    batch_size: scale.eval_batch_size,
-                };
+                let ep = eval_params;
                 let eval_key = plan.add(Step::new(
                     Kind::Evaluate,
                     format!("evaluate {dataset}/{attack}/{defence}"),
