@@ -466,3 +466,91 @@ fn baselines_run_at_smoke_scale_and_share_the_backdoored_model() {
     let out = run(&t13, &[]);
     assert!(out.contains("synthetic,badnets-white,attnblock,"), "{out}");
 }
+
+#[test]
+fn isolation_oracle_rate_and_target_specs_run_at_smoke_scale() {
+    // Tables 1, 2, 5 and 17 on the synthetic dataset, a few of their entries each.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("st");
+    let cases: [(&str, &[&str], &str); 4] = [
+        (
+            "table1",
+            &["attack=badnets-white-a0.02,badnets-white-a0.20"],
+            "synthetic,badnets-white-a0.20,ieu-r-isol,",
+        ),
+        (
+            "table2",
+            &[
+                "attack=badnets-white",
+                "defence=ieu-oracle-0.5,ieu-oracle-2.0",
+            ],
+            "synthetic,badnets-white,ieu-oracle-2.0,",
+        ),
+        (
+            "table5",
+            &["attack=badnets-white-a0.05"],
+            "synthetic,badnets-white-a0.05,ieu,",
+        ),
+        (
+            "table17",
+            &["attack=badnets-white-t0"],
+            "synthetic,badnets-white-t0,ieu,",
+        ),
+    ];
+    for (table, only, row) in cases {
+        let spec = synthetic_copy(table, dir.path());
+        let mut cmd = bin();
+        cmd.arg("run").arg(&spec).args(["--scale", "smoke"]);
+        for o in only {
+            cmd.args(["--only", o]);
+        }
+        let out = stdout(cmd.arg("--store").arg(&store));
+        assert!(out.contains(row), "{table}:\n{out}");
+    }
+    // Table 1 reports the isolation FPR/FNR of both selections.
+    let spec = dir.path().join("table1.yaml");
+    let md = stdout(
+        bin()
+            .arg("report")
+            .arg(&spec)
+            .args([
+                "--scale",
+                "smoke",
+                "--only",
+                "attack=badnets-white-a0.02,badnets-white-a0.20",
+                "--store",
+            ])
+            .arg(&store),
+    );
+    assert!(md.contains("ieu-r-isol FPR"), "{md}");
+    assert!(md.contains("| synthetic | badnets-white-a0.20 |"), "{md}");
+}
+
+#[test]
+fn a_clean_finetuning_set_runs() {
+    // Table 8's "No Attack": alpha = 0, no poisoned image; IEU must still finetune.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("clean.yaml");
+    std::fs::write(
+        &spec,
+        r#"
+name: clean
+title: No attack
+attack_variants:
+  no-attack: { base: badnets-white, poison_rate: 0.0 }
+variants:
+  ieu-c0.99: { base: ieu, ieu: { c_thresh: 0.99 } }
+grid: { dataset: [synthetic], attack: [no-attack], defence: [none, ieu-c0.99] }
+report: { rows: [dataset, attack], columns: defence, metrics: [ca, clean_flagged] }
+"#,
+    )
+    .unwrap();
+    let out = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args(["--scale", "smoke", "--store"])
+            .arg(dir.path().join("st")),
+    );
+    assert!(out.contains("synthetic,no-attack,ieu-c0.99,"), "{out}");
+}

@@ -93,6 +93,115 @@ impl UnlearnRate {
     }
 }
 
+/// Which finetuning images stage 2 sends to the unlearn set (and masks in Eq. 1).
+/// Written `confidence`, `{lowest_loss: r_isol}` or `{oracle: ratio}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "SelectionRepr")]
+pub enum Selection {
+    /// max σ(f_p(x)) > c_thresh: the paper's gate.
+    #[default]
+    Confidence,
+    /// ABL's selection applied to f_p (Table 1): the r_isol fraction of the finetuning set
+    /// with the lowest cross-entropy under f_p.
+    LowestLoss(f64),
+    /// A hand-crafted unlearn set (Table 2) of ratio × |poisoned| images: poisoned images
+    /// only when ratio ≤ 1, every poisoned image plus (ratio − 1)·|poisoned| clean ones
+    /// otherwise (seeded choice).
+    Oracle(f64),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SelectionRepr {
+    Name(String),
+    LowestLoss { lowest_loss: f64 },
+    Oracle { oracle: f64 },
+}
+
+impl TryFrom<SelectionRepr> for Selection {
+    type Error = String;
+    fn try_from(r: SelectionRepr) -> Result<Self, String> {
+        match r {
+            SelectionRepr::Name(n) if n == "confidence" => Ok(Selection::Confidence),
+            SelectionRepr::Name(n) => Err(format!(
+                "unknown selection '{n}' (confidence, {{lowest_loss: r_isol}}, {{oracle: ratio}})"
+            )),
+            SelectionRepr::LowestLoss { lowest_loss } => Ok(Selection::LowestLoss(lowest_loss)),
+            SelectionRepr::Oracle { oracle } => Ok(Selection::Oracle(oracle)),
+        }
+    }
+}
+
+impl Selection {
+    pub fn is_confidence(&self) -> bool {
+        *self == Selection::Confidence
+    }
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Selection::Confidence => Ok(()),
+            Selection::LowestLoss(r) if *r > 0.0 && *r < 1.0 => Ok(()),
+            Selection::LowestLoss(r) => Err(format!("lowest_loss {r} is not in (0, 1)")),
+            Selection::Oracle(r) if *r > 0.0 && r.is_finite() => Ok(()),
+            Selection::Oracle(r) => Err(format!("oracle ratio {r} must be positive")),
+        }
+    }
+
+    /// The flagged finetuning images, given f_p's logits on each and the true poison
+    /// indices (used by the oracle only).
+    pub fn flags(
+        &self,
+        fp_logits: &[Vec<f32>],
+        labels: &[u16],
+        c_thresh: f64,
+        poison_idx: &[usize],
+        seed: u64,
+    ) -> Vec<bool> {
+        let n = fp_logits.len();
+        match self {
+            Selection::Confidence => fp_logits
+                .iter()
+                .map(|l| max_softmax(l) as f64 > c_thresh)
+                .collect(),
+            Selection::LowestLoss(r) => {
+                let ce: Vec<f32> = fp_logits
+                    .iter()
+                    .zip(labels)
+                    .map(|(l, &y)| {
+                        let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                        let z: f32 = l.iter().map(|&v| (v - m).exp()).sum();
+                        m + z.ln() - l[y as usize]
+                    })
+                    .collect();
+                let mut flags = vec![false; n];
+                for i in super::abl::lowest_fraction(&ce, *r) {
+                    flags[i] = true;
+                }
+                flags
+            }
+            Selection::Oracle(ratio) => {
+                use rand::SeedableRng;
+                use rand::seq::SliceRandom;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x0AC1E);
+                let mut poisoned = poison_idx.to_vec();
+                poisoned.shuffle(&mut rng);
+                let want = (ratio * poisoned.len() as f64).round() as usize;
+                let mut flags = vec![false; n];
+                for &i in poisoned.iter().take(want) {
+                    flags[i] = true;
+                }
+                if want > poisoned.len() {
+                    let mut clean: Vec<usize> = (0..n).filter(|&i| !flags[i]).collect();
+                    clean.shuffle(&mut rng);
+                    for &i in clean.iter().take(want - poisoned.len()) {
+                        flags[i] = true;
+                    }
+                }
+                flags
+            }
+        }
+    }
+}
+
 /// Tracks the unlearning losses of one epoch and gives the factor on lr_tune.
 #[derive(Debug, Clone)]
 pub struct UnlearnSchedule {
@@ -141,6 +250,7 @@ impl UnlearnSchedule {
 #[derive(Debug, Clone)]
 pub struct Stage2Settings {
     pub c_thresh: f64,
+    pub selection: Selection,
     pub logit_masking: bool,
     pub unlearn_rate: UnlearnRate,
     pub gate_noise_std: f64,
@@ -238,6 +348,12 @@ pub fn dynamic_unlearn_scale(k: usize, prev_loss: f64, num_classes: usize) -> f6
 pub fn masked_logits(y_p: Tensor<2>, y_r: Tensor<2>, c_thresh: f64) -> Tensor<2> {
     let conf = softmax(y_p.clone(), 1).max_dim(1); // [B, 1]
     let m = conf.lower_elem(c_thresh).float(); // [B, 1]
+    masked_logits_with(y_p, y_r, m)
+}
+
+/// Eq. 1 with a given mask m [B, 1] (1 = learn from f_r, 0 = take f_p's logits), for
+/// selections other than the confidence gate (Tables 1, 2).
+pub fn masked_logits_with(y_p: Tensor<2>, y_r: Tensor<2>, m: Tensor<2>) -> Tensor<2> {
     let keep_p = m.clone().neg().add_scalar(1.0);
     y_p.detach() * keep_p + y_r * m
 }
@@ -354,15 +470,13 @@ pub fn run_stage2(
     let fp_logits = gate_logits(&fp, &tune, &meta, 256, device);
     let Stage2Settings {
         c_thresh,
+        ref selection,
         logit_masking,
         ref unlearn_rate,
         gate_noise_std,
     } = *settings;
-    // Algorithm 1 line 10: queued iff max σ(f_p(x)) > c_thresh.
-    let flagged: Vec<bool> = fp_logits
-        .iter()
-        .map(|l| max_softmax(l) as f64 > c_thresh)
-        .collect();
+    // Algorithm 1 line 10: queued iff max σ(f_p(x)) > c_thresh (or another selection).
+    let flagged = selection.flags(&fp_logits, &tune.labels, c_thresh, &poison_idx, p.seed);
     let gate = GateStats::from_flags(&flagged, &poison_idx);
     tracing::info!(
         poison_flagged = format!("{:.2}%", gate.poison_flagged_pct()),
@@ -414,7 +528,17 @@ pub fn run_stage2(
                     .flat_map(|&i| fp_logits[i].iter().cloned())
                     .collect();
                 let y_p = Tensor::<2>::from_data(TensorData::new(rows, [batch.len(), nc]), &ad);
-                masked_logits(Tensor::cat(vec![y_p; nviews], 0), y_r, c_thresh)
+                let y_p = Tensor::cat(vec![y_p; nviews], 0);
+                if selection.is_confidence() {
+                    masked_logits(y_p, y_r, c_thresh)
+                } else {
+                    let m: Vec<f32> = (0..nviews)
+                        .flat_map(|_| batch.iter().map(|&i| if flagged[i] { 0.0 } else { 1.0 }))
+                        .collect();
+                    let n = m.len();
+                    let m = Tensor::<2>::from_data(TensorData::new(m, [n, 1]), &ad);
+                    masked_logits_with(y_p, y_r, m)
+                }
             } else {
                 y_r
             };
@@ -434,7 +558,7 @@ pub fn run_stage2(
             count += 1;
 
             // Line 10: queue the flagged images of this batch.
-            if gate_noise_std > 0.0 {
+            if gate_noise_std > 0.0 && selection.is_confidence() {
                 // Table 14: the queueing decision sees f_p's logits plus Gaussian noise;
                 // the mask of Eq. 1 does not.
                 queue.extend(batch.iter().copied().filter(|&i| {
@@ -583,6 +707,35 @@ mod tests {
             .try_to_vec()
             .unwrap();
         assert_eq!(g, vec![0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn selections_flag_what_tables_1_and_2_describe() {
+        // 5 images, 2 classes; logits chosen so the confidences and losses are known.
+        let logits = vec![
+            vec![5.0f32, 0.0], // conf 0.993, CE(label 0) = 0.0067
+            vec![0.0, 1.0],    // conf 0.731, CE(label 1) = 0.313
+            vec![3.0, 0.0],    // conf 0.953, CE(label 1) = 3.049
+            vec![0.0, 0.2],    // conf 0.550, CE(label 0) = 0.798
+            vec![0.0, 4.0],    // conf 0.982, CE(label 1) = 0.018
+        ];
+        let labels = [0u16, 1, 1, 0, 1];
+        let poison = [0usize, 2, 4];
+        let conf = Selection::Confidence.flags(&logits, &labels, 0.95, &poison, 0);
+        assert_eq!(conf, vec![true, false, true, false, true]);
+        // Lowest loss: 2 of 5 → images 0 and 4, whatever their confidence.
+        let low = Selection::LowestLoss(0.4).flags(&logits, &labels, 0.95, &poison, 0);
+        assert_eq!(low, vec![true, false, false, false, true]);
+        // Oracle: ratio 2/3 of the 3 poisoned → 2 poisoned, no clean.
+        let o = Selection::Oracle(2.0 / 3.0).flags(&logits, &labels, 0.95, &poison, 7);
+        assert_eq!(o.iter().filter(|&&f| f).count(), 2);
+        assert!(!o[1] && !o[3]);
+        // Ratio 4/3: all 3 poisoned plus 1 clean.
+        let o = Selection::Oracle(4.0 / 3.0).flags(&logits, &labels, 0.95, &poison, 7);
+        assert!(o[0] && o[2] && o[4]);
+        assert_eq!(o.iter().filter(|&&f| f).count(), 4);
+        assert!(Selection::LowestLoss(1.5).validate().is_err());
+        assert!(Selection::Oracle(0.0).validate().is_err());
     }
 
     #[test]

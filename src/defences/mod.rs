@@ -35,6 +35,9 @@ pub enum DefenceParams {
     /// Interleaved Ensemble Unlearning, stage 2 (Algorithm 1).
     Ieu {
         c_thresh: f64,
+        /// The paper's confidence gate by default (left out of the key).
+        #[serde(default, skip_serializing_if = "ieu::Selection::is_confidence")]
+        selection: ieu::Selection,
         logit_masking: bool,
         /// Defaults are left out of the parameters, so default IEU keeps its keys.
         #[serde(default, skip_serializing_if = "ieu::UnlearnRate::is_dynamic")]
@@ -114,6 +117,7 @@ pub fn run_finetune_step(
         DefenceParams::None => none::run(p, inputs, out, device),
         DefenceParams::Ieu {
             c_thresh,
+            selection,
             logit_masking,
             unlearn_rate,
             gate_noise_std,
@@ -123,6 +127,7 @@ pub fn run_finetune_step(
             };
             let settings = ieu::Stage2Settings {
                 c_thresh: *c_thresh,
+                selection: selection.clone(),
                 logit_masking: *logit_masking,
                 unlearn_rate: unlearn_rate.clone(),
                 gate_noise_std: *gate_noise_std,

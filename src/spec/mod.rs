@@ -36,6 +36,10 @@ pub struct Spec {
     /// Named defence variants, usable in `grid.defence`.
     #[serde(default)]
     pub variants: BTreeMap<String, Variant>,
+    /// Named attack variants (another poisoning rate or target class), usable in
+    /// `grid.attack` (Tables 1, 5, 8's "No Attack" with rate 0, 17).
+    #[serde(default)]
+    pub attack_variants: BTreeMap<String, AttackVariant>,
     pub grid: Grid,
     pub report: ReportLayout,
 }
@@ -174,6 +178,9 @@ impl Default for SmoothSpec {
 pub struct IeuDefaults {
     /// Confidence threshold of the gate (Eq. 1; Table 6).
     pub c_thresh: f64,
+    /// Which images go to the unlearn set: `confidence` (the gate, Eq. 1),
+    /// `{lowest_loss: r_isol}` (Table 1) or `{oracle: ratio}` (hand-crafted, Table 2).
+    pub selection: crate::defences::ieu::Selection,
     /// Number of checkpoint blocks in the poisoned module f_p (Table 7).
     pub fp_depth: usize,
     /// Eq. 1 logit masking; `false` is Table 4's ablation (ŷ = ŷ_r).
@@ -192,6 +199,7 @@ impl Default for IeuDefaults {
     fn default() -> Self {
         Self {
             c_thresh: 0.95,
+            selection: Default::default(),
             fp_depth: 1,
             logit_masking: true,
             unlearn_rate: Default::default(),
@@ -249,6 +257,20 @@ fn merged<T: Serialize + DeserializeOwned>(
     Ok(serde_json::from_value(base)?)
 }
 
+/// A named attack variant: a built-in attack with its own poisoning rate and/or target.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttackVariant {
+    /// The built-in attack it is based on.
+    pub base: String,
+    /// α for this entry (`defaults.poison_rate` otherwise); 0 = no poisoned images.
+    #[serde(default)]
+    pub poison_rate: Option<f64>,
+    /// Target class for this entry (`defaults.target` otherwise).
+    #[serde(default)]
+    pub target: Option<usize>,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Grid {
@@ -291,6 +313,14 @@ impl Spec {
             Some(v) if v.base == base => merged(defaults, v.overrides(base)),
             _ => Ok(defaults.clone()),
         }
+    }
+
+    /// The built-in attack behind a grid entry.
+    pub fn attack_base<'a>(&'a self, attack: &'a str) -> &'a str {
+        self.attack_variants
+            .get(attack)
+            .map(|v| v.base.as_str())
+            .unwrap_or(attack)
     }
 
     /// The built-in defence behind a grid entry.
@@ -710,7 +740,9 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             bail!("{file}: field `grid.{axis}`: empty list");
         }
         for (i, v) in list.iter().enumerate() {
-            if axis == "defence" && spec.variants.contains_key(v) {
+            if (axis == "defence" && spec.variants.contains_key(v))
+                || (axis == "attack" && spec.attack_variants.contains_key(v))
+            {
                 continue;
             }
             if !known.iter().any(|(n, _)| n == v) {
@@ -722,6 +754,28 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             if list[..i].contains(v) {
                 bail!("{file}: field `grid.{axis}[{i}]`: '{v}' is listed twice");
             }
+        }
+    }
+    for (name, v) in &spec.attack_variants {
+        let at = format!("attack_variants.{name}");
+        if ATTACKS.iter().any(|(n, _)| n == name) {
+            bail!("{file}: field `{at}`: a variant cannot reuse the built-in attack name '{name}'");
+        }
+        if !ATTACKS.iter().any(|(n, _)| *n == v.base) {
+            bail!(
+                "{file}: field `{at}.base`: unknown attack '{}' (known: {})",
+                v.base,
+                ATTACKS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if let Some(r) = v.poison_rate
+            && !(0.0..1.0).contains(&r)
+        {
+            bail!("{file}: field `{at}.poison_rate`: {r} is not in [0, 1)");
         }
     }
     for (name, v) in &spec.variants {
@@ -828,6 +882,9 @@ fn validate_ieu(ieu: &IeuDefaults, file: &str, at: &str) -> Result<()> {
             ieu.gate_noise_std
         );
     }
+    ieu.selection
+        .validate()
+        .map_err(|e| anyhow!("{file}: field `{at}.selection`: {e}"))?;
     ieu.unlearn_rate
         .validate()
         .map_err(|e| anyhow!("{file}: field `{at}.unlearn_rate`: {e}"))?;

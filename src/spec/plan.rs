@@ -46,7 +46,7 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
         check_available(DATASETS, "dataset", v)?;
     }
     for v in &g.attack {
-        check_available(ATTACKS, "attack", v)?;
+        check_available(ATTACKS, "attack", spec.spec.attack_base(v))?;
     }
     for v in &g.defence {
         check_available(DEFENCES, "defence", spec.spec.defence_base(v))?;
@@ -64,14 +64,29 @@ pub fn plan_available(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>)
         ("attack", ATTACKS),
         ("defence", DEFENCES),
     ] {
-        let list = spec.spec.grid.axis_mut(axis).unwrap();
-        for v in list
+        // Variants are available when the built-in entry they are based on is.
+        let implemented = |v: &String| {
+            let base = match axis {
+                "attack" => spec.spec.attack_base(v),
+                "defence" => spec.spec.defence_base(v),
+                _ => v.as_str(),
+            };
+            availability(table, base) == Some(Availability::Implemented)
+        };
+        let keep: Vec<bool> = spec
+            .spec
+            .grid
+            .axis(axis)
+            .unwrap()
             .iter()
-            .filter(|v| availability(table, v) != Some(Availability::Implemented))
-        {
+            .map(implemented)
+            .collect();
+        let list = spec.spec.grid.axis_mut(axis).unwrap();
+        for (v, _) in list.iter().zip(&keep).filter(|(_, k)| !**k) {
             skipped.push(format!("{axis} {v}"));
         }
-        list.retain(|v| availability(table, v) == Some(Availability::Implemented));
+        let mut keep = keep.into_iter();
+        list.retain(|_| keep.next().unwrap());
         if list.is_empty() {
             bail!(
                 "nothing to report: no {axis} of {} is implemented yet",
@@ -120,11 +135,12 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
         )?);
 
         for attack in &g.attack {
-            let (attack_params, locators) = attack_params(spec, attack)?;
+            let (attack_params, locators) = attack_params(spec, s.attack_base(attack))?;
+            let variant = s.attack_variants.get(attack);
             let pp = PoisonParams {
                 attack: attack_params,
-                poison_rate: d.poison_rate,
-                target: d.target,
+                poison_rate: variant.and_then(|v| v.poison_rate).unwrap_or(d.poison_rate),
+                target: variant.and_then(|v| v.target).unwrap_or(d.target),
                 seed: d.seed,
             };
             let mut step = Step::new(
@@ -193,6 +209,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                         )?);
                         let dp = DefenceParams::Ieu {
                             c_thresh: ieu.c_thresh,
+                            selection: ieu.selection.clone(),
                             logit_masking: ieu.logit_masking,
                             unlearn_rate: ieu.unlearn_rate.clone(),
                             gate_noise_std: ieu.gate_noise_std,
