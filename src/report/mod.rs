@@ -264,6 +264,8 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
             rows => rows,
             missing => missing,
             reference => reference.map(|r| r.source.clone()),
+            gate_columns => metrics.iter().any(|m| m.ends_with("_flagged")),
+            isolation_columns => metrics.iter().any(|m| m == "fpr" || m == "fnr"),
         })
         .context("rendering the markdown report")?;
     Ok(out)
