@@ -340,9 +340,9 @@ fn preview_draws_every_attack() {
             .args(["preview", "--scale", "smoke", "--out"])
             .arg(&out),
     );
-    assert!(msg.contains("11 attacks"), "{msg}");
+    assert!(msg.contains("13 attacks"), "{msg}");
     let img = image::open(&out).unwrap();
-    assert!(img.height() > 11 * 96, "one row per attack");
+    assert!(img.height() > 13 * 96, "one row per attack");
 }
 
 #[test]
@@ -553,4 +553,127 @@ report: { rows: [dataset, attack], columns: defence, metrics: [ca, clean_flagged
             .arg(dir.path().join("st")),
     );
     assert!(out.contains("synthetic,no-attack,ieu-c0.99,"), "{out}");
+}
+
+#[test]
+fn issba_runs_end_to_end_at_smoke_scale() {
+    // dataset -> stegastamp (the trained encoder) -> poison(issba) -> defences -> metrics.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("issba.yaml");
+    std::fs::write(
+        &spec,
+        "name: issba\ntitle: ISSBA\ngrid:\n  dataset: [synthetic]\n  attack: [issba]\n  defence: [none, ieu]\nreport: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n",
+    )
+    .unwrap();
+    let store = dir.path().join("st");
+    let plan = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args(["--scale", "smoke", "--dry-run", "--store"])
+            .arg(&store),
+    );
+    assert!(
+        plan.contains("stegastamp synthetic") && plan.contains("plan: 9 steps, 0 cached, 9 to run"),
+        "{plan}"
+    );
+    let out = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args(["--scale", "smoke", "--store"])
+            .arg(&store),
+    );
+    assert!(
+        out.contains("synthetic,issba,none,") && out.contains("synthetic,issba,ieu,"),
+        "{out}"
+    );
+}
+
+#[test]
+fn table18_runs_cat_at_smoke_scale() {
+    // Table 18 on the synthetic dataset (its datasets swapped), one base attack:
+    // dataset -> poison(badnets-white) -> stage1 f_p -> poison(cat+badnets-white) -> IEU / none.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table18.yaml"),
+    )
+    .unwrap()
+    .replace("[cifar10, tinyimagenet]", "[synthetic]");
+    let spec = dir.path().join("table18.yaml");
+    std::fs::write(&spec, text).unwrap();
+    let store = dir.path().join("st");
+    let only = ["--scale", "smoke", "--only", "attack=cat+badnets-white"];
+    let plan = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args(only)
+            .arg("--dry-run")
+            .arg("--store")
+            .arg(&store),
+    );
+    assert!(
+        plan.contains("poison synthetic/badnets-white")
+            && plan.contains("stage1 f_p synthetic/badnets-white")
+            && plan.contains("poison synthetic/cat+badnets-white")
+            && plan.contains("stage1 f_p synthetic/cat+badnets-white")
+            && plan.contains("plan: 10 steps, 0 cached, 10 to run"),
+        "{plan}"
+    );
+    let out = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args(only)
+            .arg("--store")
+            .arg(&store),
+    );
+    assert!(
+        out.contains("synthetic,cat+badnets-white,ieu,")
+            && out.contains("synthetic,cat+badnets-white,none,"),
+        "{out}"
+    );
+    let md = stdout(
+        bin()
+            .arg("report")
+            .arg(&spec)
+            .args(only)
+            .arg("--store")
+            .arg(&store),
+    );
+    assert!(md.contains("| synthetic | cat+badnets-white |"), "{md}");
+}
+
+#[test]
+fn table18_plans_cat_on_cifar10() {
+    let Some(data) = shared_data() else {
+        eprintln!("skipped: ../shared/data/cifar-10-batches-bin not present");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table18.yaml");
+    let plan = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args([
+                "--scale",
+                "smoke",
+                "--dry-run",
+                "--only",
+                "dataset=cifar10",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .arg("--store")
+            .arg(dir.path()),
+    );
+    // dataset, pretrain; per base: poison(base), its f_p, poison(cat), the defended f_p,
+    // two finetunes, two evaluations.
+    assert!(
+        plan.contains("poison cifar10/cat+smooth")
+            && plan.contains("plan: 42 steps, 0 cached, 42 to run"),
+        "{plan}"
+    );
 }

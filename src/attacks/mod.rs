@@ -14,8 +14,10 @@
 pub mod badnets;
 pub mod batt;
 pub mod blended;
+pub mod cat;
 pub mod invisible_l0;
 pub mod invisible_l2;
+pub mod issba;
 pub mod sig;
 pub mod smooth;
 pub mod trojan;
@@ -64,6 +66,10 @@ pub enum AttackParams {
     Sig(sig::Sig),
     Batt(batt::Batt),
     Wanet(wanet::Wanet),
+    /// Sample-specific: the trigger comes from the `stegastamp` step (an input).
+    Issba(issba::Issba),
+    /// Adaptive: PGD on another attack's poisoned images against a tuned f_p (inputs).
+    Cat(cat::Cat),
 }
 
 impl AttackParams {
@@ -80,6 +86,8 @@ impl AttackParams {
             Self::Sig(_) => "sig",
             Self::Batt(_) => "batt",
             Self::Wanet(_) => "wanet",
+            Self::Issba(_) => "issba",
+            Self::Cat(_) => "cat",
         }
     }
 
@@ -209,6 +217,12 @@ pub fn build(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trig
         AttackParams::Wanet(w) => Trigger::Warp {
             grid: w.grid(size, seed),
         },
+        AttackParams::Issba(_) | AttackParams::Cat(_) => {
+            bail!(
+                "{}: sample-specific, no fixed trigger (its poison step reads its input steps)",
+                p.attack.name()
+            )
+        }
     };
     Ok(t)
 }
@@ -286,13 +300,8 @@ pub fn poison(p: &PoisonParams, tune: &ImageSet, test: &ImageSet, trigger: &Trig
     }
 }
 
-/// Runs the `poison` step on the outputs of a dataset step.
-pub fn run_poison_step(
-    p: &PoisonParams,
-    dataset_dir: &Path,
-    files: &TriggerFiles,
-    out: &Path,
-) -> Result<usize> {
+/// The clean tune and test sets of a dataset step, after checking the target class.
+pub fn load_clean(p: &PoisonParams, dataset_dir: &Path) -> Result<(ImageSet, ImageSet)> {
     let meta = crate::data::load_meta(dataset_dir)?;
     if p.target >= meta.num_classes() {
         bail!(
@@ -304,8 +313,11 @@ pub fn run_poison_step(
     }
     let tune = ImageSet::load(&dataset_dir.join("tune.safetensors"))?;
     let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
-    let trigger = build(p, tune.size, files)?;
-    let res = poison(p, &tune, &test, &trigger);
+    Ok((tune, test))
+}
+
+/// Writes the outputs of a poison step.
+pub fn write_poisoned(res: &Poisoned, out: &Path) -> Result<()> {
     res.tune.save(&out.join("tune.safetensors"))?;
     res.test.save(&out.join("test.safetensors"))?;
     crate::store::write_synced(
@@ -318,6 +330,20 @@ pub fn run_poison_step(
             serde_json::to_string(&res.noise_indices)?.as_bytes(),
         )?;
     }
+    Ok(())
+}
+
+/// Runs the `poison` step of a fixed-trigger attack on the outputs of a dataset step.
+pub fn run_poison_step(
+    p: &PoisonParams,
+    dataset_dir: &Path,
+    files: &TriggerFiles,
+    out: &Path,
+) -> Result<usize> {
+    let (tune, test) = load_clean(p, dataset_dir)?;
+    let trigger = build(p, tune.size, files)?;
+    let res = poison(p, &tune, &test, &trigger);
+    write_poisoned(&res, out)?;
     Ok(res.indices.len())
 }
 

@@ -270,13 +270,31 @@ pub fn main(cli: Cli) -> Result<()> {
                 &scale,
             )?;
             let size = scale.image_size;
-            let test = match dataset.as_str() {
-                "synthetic" => crate::data::synthetic::generate(0, 0, 200, size).test,
+            // The test images to draw on, and a pool of 320 training images for the
+            // throwaway ISSBA encoder and CAT f_p (see src/report/preview.rs).
+            let (raw, pool_n) = match dataset.as_str() {
+                "synthetic" => (crate::data::synthetic::generate(0, 320, 200, size), 320),
                 "cifar10" => {
                     let dir = crate::data::cifar10::find(data_dir.as_deref())?;
-                    crate::data::resize_set(&crate::data::cifar10::load(&dir)?.test, size)
+                    (crate::data::cifar10::load(&dir)?, 320)
                 }
                 other => bail!("not implemented yet: dataset {other}"),
+            };
+            let test = crate::data::resize_set(&raw.test, size);
+            let pool = crate::data::resize_set(
+                &raw.train
+                    .subset(&(0..pool_n.min(raw.train.len())).collect::<Vec<_>>()),
+                size,
+            );
+            let meta = crate::data::DatasetMeta {
+                name: dataset.clone(),
+                classes: raw.classes.clone(),
+                image_size: size,
+                mean: raw.mean,
+                std: raw.std,
+                pretrain: 0,
+                tune: pool.len(),
+                test: test.len(),
             };
             let target = 1;
             let pick = (0..test.len())
@@ -306,7 +324,14 @@ pub fn main(cli: Cli) -> Result<()> {
             } else {
                 attacks
             };
-            crate::report::preview::write_preview(test.image(i), size, &attacks, target, &out)?;
+            let mut poisoner = crate::report::preview::Poisoner::new(&pool, &meta, &scale, target);
+            crate::report::preview::write_preview(
+                test.image(i),
+                size,
+                &attacks,
+                &mut poisoner,
+                &out,
+            )?;
             println!(
                 "wrote {} ({} attacks on {dataset} test image {i}, {size}x{size})",
                 out.display(),

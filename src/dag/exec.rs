@@ -181,17 +181,64 @@ impl Executor {
             }
             Kind::Poison => {
                 let p: crate::attacks::PoisonParams = step.params()?;
-                let files = crate::attacks::TriggerFiles {
-                    trigger: step.locators.get("trigger_file").cloned(),
-                    mask: step.locators.get("mask_file").cloned(),
+                let dataset = self.input(step, "dataset")?;
+                let n = match &p.attack {
+                    crate::attacks::AttackParams::Issba(_) => {
+                        crate::attacks::issba::run_issba_poison(
+                            &p,
+                            &dataset,
+                            &self.input(step, "stegastamp")?,
+                            out,
+                            dev,
+                        )?
+                    }
+                    crate::attacks::AttackParams::Cat(c) => {
+                        let st = crate::attacks::cat::run_cat_poison(
+                            &p,
+                            c,
+                            &dataset,
+                            &self.input(step, "base")?,
+                            &self.input(step, "stage1")?,
+                            out,
+                            dev,
+                        )?;
+                        tracing::info!(
+                            "    CAT objective {:.3} -> {:.3} (u8 {:.3}); gate-flagged {:.1}% -> {:.1}%; mean l2 {:.2}/255",
+                            st.objective_before,
+                            st.objective_after_pgd,
+                            st.objective_after_u8,
+                            st.flagged_before_pct,
+                            st.flagged_after_pct,
+                            st.l2_mean
+                        );
+                        st.perturbed
+                    }
+                    _ => {
+                        let files = crate::attacks::TriggerFiles {
+                            trigger: step.locators.get("trigger_file").cloned(),
+                            mask: step.locators.get("mask_file").cloned(),
+                        };
+                        crate::attacks::run_poison_step(&p, &dataset, &files, out)?
+                    }
                 };
-                let n = crate::attacks::run_poison_step(
+                tracing::info!("    {} poisoned training images", n);
+            }
+            Kind::Stegastamp => {
+                let p: crate::attacks::issba::StegaParams = step.params()?;
+                let st = crate::attacks::issba::run_stegastamp_step(
                     &p,
                     &self.input(step, "dataset")?,
-                    &files,
                     out,
+                    dev,
                 )?;
-                tracing::info!("    {} poisoned training images", n);
+                tracing::info!(
+                    "    secret bit accuracy {:.3} (held-out {:.3}, clean {:.3}); PSNR {:.1} dB, max l_inf {:.4}",
+                    st.bit_acc_train,
+                    st.bit_acc_heldout,
+                    st.bit_acc_clean,
+                    st.psnr_mean,
+                    st.linf_max
+                );
             }
             Kind::Pretrain => {
                 let p: crate::train::PretrainParams = step.params()?;

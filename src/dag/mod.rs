@@ -21,6 +21,8 @@ pub enum Kind {
     Dataset,
     /// Apply an attack to the tune and test sets.
     Poison,
+    /// Train ISSBA's StegaStamp-style encoder/decoder on clean images.
+    Stegastamp,
     /// Train the clean starting checkpoint on the pretrain split.
     Pretrain,
     /// IEU stage 1: tune the shallow poisoned module f_p.
@@ -38,6 +40,7 @@ impl Kind {
         match self {
             Kind::Dataset => "dataset",
             Kind::Poison => "poison",
+            Kind::Stegastamp => "stegastamp",
             Kind::Pretrain => "pretrain",
             Kind::Stage1 => "stage1",
             Kind::Isolate => "isolate",
@@ -51,6 +54,7 @@ impl Kind {
         match self {
             Kind::Dataset => crate::data::DATASET_VERSION,
             Kind::Poison => crate::attacks::POISON_VERSION,
+            Kind::Stegastamp => crate::attacks::issba::STEGASTAMP_VERSION,
             Kind::Pretrain => crate::train::PRETRAIN_VERSION,
             Kind::Stage1 => crate::defences::ieu::STAGE1_VERSION,
             Kind::Isolate => crate::defences::abl::ISOLATE_VERSION,

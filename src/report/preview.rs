@@ -1,5 +1,13 @@
 //! The attack preview figure (paper Figures 4/5): for every attack, a clean test image, its
 //! poisoned version and the amplified difference, labelled, as one PNG.
+//!
+//! ISSBA and CAT have no fixed trigger: their rows need a trained encoder and a tuned f_p.
+//! The preview trains throwaway ones in-process, in seconds, on a pool of 320 images of
+//! the previewed dataset at the scale's image size (not the experiment's store steps, which
+//! at the cpu scale would mean the 20-minute pretraining for f_p): the StegaStamp pair with
+//! the scale's `stegastamp` settings on that pool, and for CAT a fresh one-block ViT of the
+//! scale's width tuned for 3 epochs on the pool poisoned by CAT's default base attack
+//! (badnets-white), then PGD with the paper's settings on the previewed image.
 
 use std::path::Path;
 
@@ -8,7 +16,8 @@ use font8x8::legacy::BASIC_LEGACY;
 use image::{Rgb, RgbImage};
 
 use crate::attacks::{AttackParams, PoisonParams, TriggerFiles, build};
-use crate::spec::AttackDefaults;
+use crate::data::{DatasetMeta, ImageSet};
+use crate::spec::{AttackDefaults, Scale};
 
 /// Default parameters of an attack by name (generated triggers).
 pub fn default_attack(name: &str) -> Result<AttackParams> {
@@ -42,6 +51,8 @@ pub fn default_attack(name: &str) -> Result<AttackParams> {
         "sig" => AttackParams::Sig(a.sig),
         "batt" => AttackParams::Batt(a.batt),
         "wanet" => AttackParams::Wanet(a.wanet),
+        "issba" => AttackParams::Issba(a.issba),
+        "cat" => AttackParams::Cat(a.cat),
         other => bail!("not implemented yet: attack {other}"),
     })
 }
@@ -80,12 +91,138 @@ fn blit(canvas: &mut RgbImage, x0: u32, y0: u32, chw: &[u8], size: usize) {
     }
 }
 
+/// Makes the poisoned version of the previewed image for each attack; trains the
+/// throwaway encoder and f_p that ISSBA and CAT need on first use.
+pub struct Poisoner<'a> {
+    /// Clean images of the previewed dataset at the scale's size (training pool).
+    pub pool: &'a ImageSet,
+    pub meta: &'a DatasetMeta,
+    pub scale: &'a Scale,
+    pub target: usize,
+    stega: Option<(
+        crate::attacks::issba::StegaStamp,
+        crate::attacks::issba::StegaParams,
+    )>,
+    cat: Option<crate::attacks::cat::Attacker>,
+}
+
+impl<'a> Poisoner<'a> {
+    pub fn new(pool: &'a ImageSet, meta: &'a DatasetMeta, scale: &'a Scale, target: usize) -> Self {
+        Self {
+            pool,
+            meta,
+            scale,
+            target,
+            stega: None,
+            cat: None,
+        }
+    }
+
+    fn params(&self, attack: AttackParams) -> PoisonParams {
+        PoisonParams {
+            attack,
+            poison_rate: 0.1,
+            target: self.target,
+            seed: 0,
+        }
+    }
+
+    /// The poisoned version of `clean` under `name`.
+    pub fn poisoned(&mut self, name: &str, clean: &[u8]) -> Result<Vec<u8>> {
+        let size = self.pool.size;
+        let device = crate::default_device();
+        let mut one = ImageSet::new(size);
+        one.push(clean, 0);
+        match default_attack(name)? {
+            AttackParams::Issba(a) => {
+                if self.stega.is_none() {
+                    let sp = crate::attacks::issba::StegaParams::new(&a, self.scale, 0);
+                    let (m, _) = crate::attacks::issba::train(&sp, self.pool, &device)?;
+                    self.stega = Some((m, sp));
+                }
+                let (m, sp) = self.stega.as_ref().unwrap();
+                let bits = crate::attacks::issba::secret(sp.secret_len, sp.seed);
+                Ok(crate::attacks::issba::encode(m, sp, &one, &[0], &bits, &device).remove(0))
+            }
+            AttackParams::Cat(c) => {
+                let base = self.params(default_attack(&c.base)?);
+                let trigger = build(&base, size, &TriggerFiles::default())?;
+                if self.cat.is_none() {
+                    self.cat = Some(self.tune_fp(&base, &trigger, &c)?);
+                }
+                let mut x = clean.to_vec();
+                trigger.apply(&mut x, size);
+                let mut b = ImageSet::new(size);
+                b.push(&x, self.target as u16);
+                let base_set = crate::attacks::Poisoned {
+                    tune: b,
+                    indices: vec![0],
+                    noise_indices: Vec::new(),
+                    test: ImageSet::new(size),
+                };
+                let (r, _) =
+                    crate::attacks::cat::perturb(self.cat.as_ref().unwrap(), &c, &base_set)?;
+                Ok(r.tune.image(0).to_vec())
+            }
+            attack => {
+                let trigger = build(&self.params(attack), size, &TriggerFiles::default())?;
+                let mut x = clean.to_vec();
+                trigger.apply(&mut x, size);
+                Ok(x)
+            }
+        }
+    }
+
+    fn tune_fp(
+        &self,
+        base: &PoisonParams,
+        trigger: &crate::attacks::Trigger,
+        c: &crate::attacks::cat::Cat,
+    ) -> Result<crate::attacks::cat::Attacker> {
+        let ad = crate::default_device().autodiff();
+        let poisoned =
+            crate::attacks::poison(base, self.pool, &ImageSet::new(self.pool.size), trigger);
+        let m = &self.scale.model;
+        let cfg = crate::models::VitConfig {
+            image_size: self.pool.size,
+            patch_size: m.patch_size,
+            dim: m.dim,
+            depth: 1,
+            heads: m.heads,
+            mlp_ratio: m.mlp_ratio,
+            num_classes: self.meta.num_classes(),
+        };
+        let epochs = 3;
+        let iters = crate::train::iters_per_epoch(poisoned.tune.len(), 32) * epochs;
+        let sup = crate::train::Supervised {
+            label: "preview f_p",
+            epochs,
+            batch_size: 32,
+            views: &[crate::train::View::NoAug],
+            lr: vec![1e-3; iters],
+            wd: vec![0.0; iters],
+            seed: 0,
+            loss: crate::train::LossKind::Ce,
+        };
+        let fp = crate::models::Vit::new(&cfg, 0, &ad);
+        let (fp, _) = crate::train::train_supervised(fp, &poisoned.tune, self.meta, &sup, &ad)?;
+        Ok(crate::attacks::cat::Attacker::new(
+            fp,
+            &poisoned.tune,
+            &poisoned.indices,
+            self.meta,
+            self.target,
+            c.gamma,
+        ))
+    }
+}
+
 /// Draws the grid for `attacks` on one clean image and writes it to `out`.
 pub fn write_preview(
     clean: &[u8],
     size: usize,
     attacks: &[String],
-    target: usize,
+    poisoner: &mut Poisoner,
     out: &Path,
 ) -> Result<()> {
     let rows = attacks.len() as u32;
@@ -97,15 +234,7 @@ pub fn write_preview(
         text(&mut canvas, LABEL_W + i as u32 * (CELL + 8), 4, h, black);
     }
     for (r, name) in attacks.iter().enumerate() {
-        let p = PoisonParams {
-            attack: default_attack(name)?,
-            poison_rate: 0.1,
-            target,
-            seed: 0,
-        };
-        let trigger = build(&p, size, &TriggerFiles::default())?;
-        let mut poisoned = clean.to_vec();
-        trigger.apply(&mut poisoned, size);
+        let poisoned = poisoner.poisoned(name, clean)?;
         let diff: Vec<i32> = poisoned
             .iter()
             .zip(clean)

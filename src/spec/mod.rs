@@ -98,6 +98,8 @@ pub struct AttackDefaults {
     pub sig: crate::attacks::sig::Sig,
     pub batt: crate::attacks::batt::Batt,
     pub wanet: crate::attacks::wanet::Wanet,
+    pub issba: crate::attacks::issba::Issba,
+    pub cat: crate::attacks::cat::Cat,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -420,6 +422,8 @@ pub struct Scale {
     /// Learning rates of the baselines at this scale (the paper's values at `paper`).
     #[serde(default)]
     pub baselines: BaselineRates,
+    /// Training of ISSBA's StegaStamp-style encoder/decoder (the `stegastamp` step).
+    pub stegastamp: StegaSchedule,
 }
 
 /// A value per dataset, with a `default` for datasets not listed.
@@ -515,6 +519,18 @@ pub struct Stage1Schedule {
     pub epochs: usize,
     pub lr: f64,
     pub warmup_epochs: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StegaSchedule {
+    /// Clean pretrain-split images it trains on (0 = all).
+    pub train_images: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    /// Convolution width of encoder and decoder.
+    pub width: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -725,6 +741,28 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             a.l0_inv.pixels as f64,
             a.l0_inv.pixels >= 1,
         ),
+        (
+            "issba.secret_len",
+            a.issba.secret_len as f64,
+            a.issba.secret_len >= 1,
+        ),
+        ("issba.eps", a.issba.eps, in01(a.issba.eps)),
+        (
+            "issba.l2_weight",
+            a.issba.l2_weight,
+            a.issba.l2_weight >= 0.0 && a.issba.l2_weight.is_finite(),
+        ),
+        ("cat.gamma", a.cat.gamma, (0.0..=1.0).contains(&a.cat.gamma)),
+        (
+            "cat.iterations",
+            a.cat.iterations as f64,
+            a.cat.iterations >= 1,
+        ),
+        (
+            "cat.l2_budget",
+            a.cat.l2_budget,
+            a.cat.l2_budget > 0.0 && a.cat.l2_budget.is_finite(),
+        ),
     ] {
         if !ok {
             bail!("{file}: field `defaults.attacks.{field}`: {v} is out of range");
@@ -745,9 +783,14 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             {
                 continue;
             }
-            if !known.iter().any(|(n, _)| n == v) {
+            if names::axis_availability(axis, v).is_none() {
+                let also = if axis == "attack" {
+                    ", cat+<attack>"
+                } else {
+                    ""
+                };
                 bail!(
-                    "{file}: field `grid.{axis}[{i}]`: unknown {axis} '{v}' (known: {})",
+                    "{file}: field `grid.{axis}[{i}]`: unknown {axis} '{v}' (known: {}{also})",
                     known.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
                 );
             }
@@ -761,9 +804,9 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
         if ATTACKS.iter().any(|(n, _)| n == name) {
             bail!("{file}: field `{at}`: a variant cannot reuse the built-in attack name '{name}'");
         }
-        if !ATTACKS.iter().any(|(n, _)| *n == v.base) {
+        if names::axis_availability("attack", &v.base).is_none() {
             bail!(
-                "{file}: field `{at}.base`: unknown attack '{}' (known: {})",
+                "{file}: field `{at}.base`: unknown attack '{}' (known: {}, cat+<attack>)",
                 v.base,
                 ATTACKS
                     .iter()
@@ -777,6 +820,15 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
         {
             bail!("{file}: field `{at}.poison_rate`: {r} is not in [0, 1)");
         }
+    }
+    let cat_base = &d.attacks.cat.base;
+    if cat_base == "cat"
+        || names::cat_base(cat_base).is_some()
+        || names::availability(ATTACKS, cat_base).is_none()
+    {
+        bail!(
+            "{file}: field `defaults.attacks.cat.base`: '{cat_base}' is not an attack CAT can perturb"
+        );
     }
     for (name, v) in &spec.variants {
         if DEFENCES.iter().any(|(n, _)| n == name) {
@@ -927,6 +979,7 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
         ("pretrain.lr", s.pretrain.lr),
         ("stage1.lr", s.stage1.lr),
         ("finetune.lr", s.finetune.lr),
+        ("stegastamp.lr", s.stegastamp.lr),
     ] {
         if !(v > 0.0 && v.is_finite()) {
             return Err(f(field, format!("{v} must be a positive number")));
@@ -943,6 +996,15 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
         if let Some((k, v)) = map.iter().find(|(_, v)| !(**v > 0.0 && v.is_finite())) {
             return Err(f(field, format!("{k}: {v} must be a positive number")));
         }
+    }
+    if s.stegastamp.epochs == 0 {
+        return Err(f("stegastamp.epochs", "must be at least 1".into()));
+    }
+    if s.stegastamp.batch_size == 0 {
+        return Err(f("stegastamp.batch_size", "must be positive".into()));
+    }
+    if s.stegastamp.width == 0 {
+        return Err(f("stegastamp.width", "must be positive".into()));
     }
     if s.data.tune == 0 && s.data.pretrain == 0 {
         return Err(f("data", "set explicit pretrain and tune sizes".into()));

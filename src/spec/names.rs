@@ -27,10 +27,10 @@ pub const ATTACKS: &[(&str, Availability)] = &[
     ("l2-inv", Implemented),
     ("smooth", Implemented),
     ("sig", Implemented),
-    ("issba", NotYet),
+    ("issba", Implemented),
     ("batt", Implemented),
     ("wanet", Implemented),
-    ("cat", NotYet),
+    ("cat", Implemented),
 ];
 
 pub const DEFENCES: &[(&str, Availability)] = &[
@@ -43,4 +43,36 @@ pub const DEFENCES: &[(&str, Availability)] = &[
 
 pub fn availability(table: &[(&str, Availability)], name: &str) -> Option<Availability> {
     table.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
+}
+
+/// The base attack of a `cat+<base>` grid entry (CAT on that attack; paper Table 18).
+pub fn cat_base(name: &str) -> Option<&str> {
+    name.strip_prefix("cat+")
+}
+
+/// Availability of an attack name, `cat+<base>` included (known when its base is a known
+/// attack other than CAT itself; implemented when both are).
+pub fn attack_availability(name: &str) -> Option<Availability> {
+    let Some(base) = cat_base(name) else {
+        return availability(ATTACKS, name);
+    };
+    if base == "cat" || cat_base(base).is_some() {
+        return None;
+    }
+    let b = availability(ATTACKS, base)?;
+    let c = availability(ATTACKS, "cat")?;
+    Some(if b == Implemented && c == Implemented {
+        Implemented
+    } else {
+        NotYet
+    })
+}
+
+/// Availability of a name on a grid axis.
+pub fn axis_availability(axis: &str, name: &str) -> Option<Availability> {
+    match axis {
+        "dataset" => availability(DATASETS, name),
+        "attack" => attack_availability(name),
+        _ => availability(DEFENCES, name),
+    }
 }

@@ -6,14 +6,19 @@
 //!          │          ├─ stage1 (f_p) ─ finetune(ieu)  ── evaluate
 //!          │          └─ isolate (ABL) ─ finetune(abl) ── evaluate
 //!          └─ pretrain ──────────────────┘ (f_r, f_p and ABL's model start from it)
+//!
+//! Two attacks read other steps. ISSBA: dataset → stegastamp (its trained encoder) →
+//! poison(issba). CAT on a base attack: dataset → poison(base) → stage1 f_p (tuned on the
+//! base attack's data with the spec's IEU settings, as the defender would) → poison(cat);
+//! the poison(cat) step then feeds the defences like any other.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::names::{ATTACKS, Availability, DATASETS, DEFENCES, availability};
-use super::{LoadedSpec, Scale};
+use super::names::{Availability, axis_availability, cat_base};
+use super::{IeuDefaults, LoadedSpec, Scale};
 use crate::attacks::{AttackParams, PoisonParams};
 use crate::dag::{Cell, Kind, Plan, Step};
 use crate::data::DatasetParams;
@@ -31,8 +36,8 @@ fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn check_available(table: &[(&str, Availability)], axis: &str, name: &str) -> Result<()> {
-    if availability(table, name) != Some(Availability::Implemented) {
+fn check_available(axis: &str, name: &str) -> Result<()> {
+    if axis_availability(axis, name) != Some(Availability::Implemented) {
         bail!("not implemented yet: {axis} {name} (leave it out with --only {axis}=...)");
     }
     Ok(())
@@ -43,13 +48,13 @@ fn check_available(table: &[(&str, Availability)], axis: &str, name: &str) -> Re
 pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
     let g = &spec.spec.grid;
     for v in &g.dataset {
-        check_available(DATASETS, "dataset", v)?;
+        check_available("dataset", v)?;
     }
     for v in &g.attack {
-        check_available(ATTACKS, "attack", spec.spec.attack_base(v))?;
+        check_available("attack", spec.spec.attack_base(v))?;
     }
     for v in &g.defence {
-        check_available(DEFENCES, "defence", spec.spec.defence_base(v))?;
+        check_available("defence", spec.spec.defence_base(v))?;
     }
     build(spec, scale, data_dir)
 }
@@ -59,34 +64,22 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
 pub fn plan_available(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
     let mut spec = spec.clone();
     let mut skipped = Vec::new();
-    for (axis, table) in [
-        ("dataset", DATASETS),
-        ("attack", ATTACKS),
-        ("defence", DEFENCES),
-    ] {
-        // Variants are available when the built-in entry they are based on is.
-        let implemented = |v: &String| {
-            let base = match axis {
-                "attack" => spec.spec.attack_base(v),
-                "defence" => spec.spec.defence_base(v),
-                _ => v.as_str(),
-            };
-            availability(table, base) == Some(Availability::Implemented)
-        };
-        let keep: Vec<bool> = spec
-            .spec
-            .grid
-            .axis(axis)
-            .unwrap()
-            .iter()
-            .map(implemented)
-            .collect();
+    for axis in ["dataset", "attack", "defence"] {
         let list = spec.spec.grid.axis_mut(axis).unwrap();
-        for (v, _) in list.iter().zip(&keep).filter(|(_, k)| !**k) {
+        // Variants are available when the built-in entry they are based on is.
+        let (attacks, defences) = (&spec.spec.attack_variants, &spec.spec.variants);
+        let ok = |v: &String| {
+            let base = match axis {
+                "attack" => attacks.get(v).map(|a| a.base.as_str()),
+                "defence" => defences.get(v).map(|d| d.base.as_str()),
+                _ => None,
+            };
+            axis_availability(axis, base.unwrap_or(v)) == Some(Availability::Implemented)
+        };
+        for v in list.iter().filter(|v| !ok(v)) {
             skipped.push(format!("{axis} {v}"));
         }
-        let mut keep = keep.into_iter();
-        list.retain(|_| keep.next().unwrap());
+        list.retain(ok);
         if list.is_empty() {
             bail!(
                 "nothing to report: no {axis} of {} is implemented yet",
@@ -134,25 +127,15 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             inputs(&[("dataset", &data_key)]),
         )?);
 
+        let ctx = Ctx {
+            spec,
+            scale,
+            dataset,
+            data_key: &data_key,
+            pretrain_key: &pretrain_key,
+        };
         for attack in &g.attack {
-            let (attack_params, locators) = attack_params(spec, s.attack_base(attack))?;
-            let variant = s.attack_variants.get(attack);
-            let pp = PoisonParams {
-                attack: attack_params,
-                poison_rate: variant.and_then(|v| v.poison_rate).unwrap_or(d.poison_rate),
-                target: variant.and_then(|v| v.target).unwrap_or(d.target),
-                seed: d.seed,
-            };
-            let mut step = Step::new(
-                Kind::Poison,
-                format!("poison {dataset}/{attack}"),
-                &pp,
-                inputs(&[("dataset", &data_key)]),
-            )?;
-            for (name, path) in locators {
-                step = step.with_locator(name, path);
-            }
-            let poison_key = plan.add(step);
+            let poison_key = poison_step(&mut plan, &ctx, attack)?;
 
             // The undefended model of this cell: the `none` defence, and what post-training
             // and test-time defences (I-BAU, AttnBlock) start from.
@@ -180,33 +163,14 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                     "none" => plan.add(none_ft.clone()),
                     "ieu" => {
                         let ieu = s.ieu_settings(defence)?;
-                        if ieu.fp_depth > scale.model.depth {
-                            bail!(
-                                "{}: defence {defence}: f_p depth {} exceeds the {}-block model of this scale",
-                                spec.origin,
-                                ieu.fp_depth,
-                                scale.model.depth
-                            );
-                        }
-                        let mut label = format!("stage1 f_p {dataset}/{attack}");
-                        if ieu.fp_depth != 1 {
-                            label.push_str(&format!(" depth {}", ieu.fp_depth));
-                        }
-                        if !ieu.stage1_loss.is_ce() {
-                            label.push_str(&format!(" {:?}", ieu.stage1_loss).to_lowercase());
-                        }
-                        let sp = Stage1Params::from_scale(
-                            scale,
-                            ieu.fp_depth,
-                            ieu.stage1_loss.clone(),
-                            d.seed,
-                        );
-                        let fp_key = plan.add(Step::new(
-                            Kind::Stage1,
-                            label,
-                            &sp,
-                            inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
-                        )?);
+                        let fp_key = stage1_step(
+                            &mut plan,
+                            &ctx,
+                            &ieu,
+                            &format!("defence {defence}"),
+                            attack,
+                            &poison_key,
+                        )?;
                         let dp = DefenceParams::Ieu {
                             c_thresh: ieu.c_thresh,
                             selection: ieu.selection.clone(),
@@ -295,6 +259,139 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
         }
     }
     Ok(plan)
+}
+
+/// What every step of one dataset shares.
+struct Ctx<'a> {
+    spec: &'a LoadedSpec,
+    scale: &'a Scale,
+    dataset: &'a str,
+    data_key: &'a str,
+    pretrain_key: &'a str,
+}
+
+/// IEU stage 1 (f_p) on an attack's poisoned data; `who` names the setting in errors.
+fn stage1_step(
+    plan: &mut Plan,
+    ctx: &Ctx,
+    ieu: &IeuDefaults,
+    who: &str,
+    attack: &str,
+    poison_key: &str,
+) -> Result<String> {
+    let (scale, dataset) = (ctx.scale, ctx.dataset);
+    if ieu.fp_depth > scale.model.depth {
+        bail!(
+            "{}: {who}: f_p depth {} exceeds the {}-block model of this scale",
+            ctx.spec.origin,
+            ieu.fp_depth,
+            scale.model.depth
+        );
+    }
+    let mut label = format!("stage1 f_p {dataset}/{attack}");
+    if ieu.fp_depth != 1 {
+        label.push_str(&format!(" depth {}", ieu.fp_depth));
+    }
+    if !ieu.stage1_loss.is_ce() {
+        label.push_str(&format!(" {:?}", ieu.stage1_loss).to_lowercase());
+    }
+    let sp = Stage1Params::from_scale(
+        scale,
+        ieu.fp_depth,
+        ieu.stage1_loss.clone(),
+        ctx.spec.spec.defaults.seed,
+    );
+    Ok(plan.add(Step::new(
+        Kind::Stage1,
+        label,
+        &sp,
+        inputs(&[("poison", poison_key), ("pretrain", ctx.pretrain_key)]),
+    )?))
+}
+
+/// The poison step of a grid attack entry (and the steps it reads); returns its key.
+fn poison_step(plan: &mut Plan, ctx: &Ctx, attack: &str) -> Result<String> {
+    let s = &ctx.spec.spec;
+    let d = &s.defaults;
+    let variant = s.attack_variants.get(attack);
+    let rate = variant.and_then(|v| v.poison_rate).unwrap_or(d.poison_rate);
+    let target = variant.and_then(|v| v.target).unwrap_or(d.target);
+    poison_step_of(plan, ctx, attack, s.attack_base(attack), rate, target)
+}
+
+/// The poison step of a built-in attack `name` at a poisoning rate and target, labelled
+/// with the grid entry `entry`.
+fn poison_step_of(
+    plan: &mut Plan,
+    ctx: &Ctx,
+    entry: &str,
+    name: &str,
+    rate: f64,
+    target: usize,
+) -> Result<String> {
+    let d = &ctx.spec.spec.defaults;
+    let dataset = ctx.dataset;
+    let params = |attack| PoisonParams {
+        attack,
+        poison_rate: rate,
+        target,
+        seed: d.seed,
+    };
+    let label = format!("poison {dataset}/{entry}");
+    if name == "cat" || cat_base(name).is_some() {
+        // CAT (Appendix D): the base attack's data, an f_p tuned on it as the defender
+        // would (the spec's IEU settings), then PGD against that f_p.
+        let base = cat_base(name).unwrap_or(&d.attacks.cat.base);
+        let base_key = poison_step_of(plan, ctx, base, base, rate, target)?;
+        let fp_key = stage1_step(
+            plan,
+            ctx,
+            &d.ieu,
+            &format!("attack {entry}"),
+            base,
+            &base_key,
+        )?;
+        let cat = crate::attacks::cat::Cat {
+            base: base.to_string(),
+            ..d.attacks.cat.clone()
+        };
+        return Ok(plan.add(Step::new(
+            Kind::Poison,
+            label,
+            &params(AttackParams::Cat(cat)),
+            inputs(&[
+                ("dataset", ctx.data_key),
+                ("base", &base_key),
+                ("stage1", &fp_key),
+            ]),
+        )?));
+    }
+    if name == "issba" {
+        let sp = crate::attacks::issba::StegaParams::new(&d.attacks.issba, ctx.scale, d.seed);
+        let stega_key = plan.add(Step::new(
+            Kind::Stegastamp,
+            format!("stegastamp {dataset}"),
+            &sp,
+            inputs(&[("dataset", ctx.data_key)]),
+        )?);
+        return Ok(plan.add(Step::new(
+            Kind::Poison,
+            label,
+            &params(AttackParams::Issba(d.attacks.issba.clone())),
+            inputs(&[("dataset", ctx.data_key), ("stegastamp", &stega_key)]),
+        )?));
+    }
+    let (attack_params, locators) = attack_params(ctx.spec, name)?;
+    let mut step = Step::new(
+        Kind::Poison,
+        label,
+        &params(attack_params),
+        inputs(&[("dataset", ctx.data_key)]),
+    )?;
+    for (name, path) in locators {
+        step = step.with_locator(name, path);
+    }
+    Ok(plan.add(step))
 }
 
 /// A trigger file named by the spec: its path and content digest.
