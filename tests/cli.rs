@@ -178,7 +178,7 @@ fn unimplemented_names_need_filtering() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains(
-            "not implemented yet: dataset gtsrb",
+            "not implemented yet: attack issba",
         ));
     bin()
         .args(["run"])

@@ -93,6 +93,7 @@ pub enum Command {
         /// Output PNG file.
         #[arg(long)]
         out: PathBuf,
+        /// synthetic, cifar10, gtsrb, tinyimagenet or imagefolder (read from --data-dir).
         #[arg(long, default_value = "synthetic")]
         dataset: String,
         #[arg(long, env = "IEU_DATA_DIR")]
@@ -207,7 +208,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let mut df = crate::report::collect(&plan, &store)?;
             if !plan.skipped.is_empty() {
                 eprintln!(
-                    "note: not implemented yet, left out of the report: {}",
+                    "note: not implemented yet or data not found, left out of the report: {}",
                     plan.skipped.join(", ")
                 );
             }
@@ -270,14 +271,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 &scale,
             )?;
             let size = scale.image_size;
-            let test = match dataset.as_str() {
-                "synthetic" => crate::data::synthetic::generate(0, 0, 200, size).test,
-                "cifar10" => {
-                    let dir = crate::data::cifar10::find(data_dir.as_deref())?;
-                    crate::data::resize_set(&crate::data::cifar10::load(&dir)?.test, size)
-                }
-                other => bail!("not implemented yet: dataset {other}"),
-            };
+            let test = crate::data::load_test(&dataset, data_dir.as_deref(), size)?;
             let target = 1;
             let pick = (0..test.len())
                 .filter(|&i| test.labels[i] as usize != target)

@@ -23,6 +23,9 @@ pub enum Kind {
     Poison,
     /// Train the clean starting checkpoint on the pretrain split.
     Pretrain,
+    /// Import the starting checkpoint from a file (`defaults.pretrained`), instead of
+    /// `Pretrain`; same outputs.
+    Import,
     /// IEU stage 1: tune the shallow poisoned module f_p.
     Stage1,
     /// Finetune f_r under a defence.
@@ -37,6 +40,7 @@ impl Kind {
             Kind::Dataset => "dataset",
             Kind::Poison => "poison",
             Kind::Pretrain => "pretrain",
+            Kind::Import => "import",
             Kind::Stage1 => "stage1",
             Kind::Finetune => "finetune",
             Kind::Evaluate => "evaluate",
@@ -49,6 +53,7 @@ impl Kind {
             Kind::Dataset => crate::data::DATASET_VERSION,
             Kind::Poison => crate::attacks::POISON_VERSION,
             Kind::Pretrain => crate::train::PRETRAIN_VERSION,
+            Kind::Import => crate::models::import::IMPORT_VERSION,
             Kind::Stage1 => crate::defences::ieu::STAGE1_VERSION,
             Kind::Finetune => crate::defences::FINETUNE_VERSION,
             Kind::Evaluate => crate::metrics::EVALUATE_VERSION,
