@@ -417,4 +417,21 @@ mod end_to_end {
         let again = crate::spec::plan::plan(&spec, &scale, Some(data.path())).unwrap();
         assert!(!st.contains(&again.steps[0].key));
     }
+
+    /// A report of table3 with only GTSRB on disk leaves the other datasets out.
+    #[test]
+    fn reports_leave_out_datasets_whose_files_are_missing() {
+        let data = tempfile::tempdir().unwrap();
+        super::tests::write_tree(data.path(), 1, 1);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/table3.yaml");
+        let mut spec = crate::spec::LoadedSpec::load(Some(std::path::Path::new(path))).unwrap();
+        spec.apply_only(&["attack=badnets-white".into()]).unwrap();
+        let scale = spec.scale("smoke").unwrap();
+        let plan = crate::spec::plan::plan_available(&spec, &scale, Some(data.path())).unwrap();
+        assert!(plan.cells.iter().all(|c| c.dataset == "gtsrb"));
+        assert_eq!(plan.cells.len(), 2, "none and ieu");
+        for s in ["dataset cifar10", "dataset tinyimagenet", "defence abl"] {
+            assert!(plan.skipped.iter().any(|k| k == s), "{:?}", plan.skipped);
+        }
+    }
 }

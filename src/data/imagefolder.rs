@@ -161,6 +161,50 @@ pub mod tests {
     }
 
     #[test]
+    fn a_spec_entry_names_the_root_relative_to_the_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tree(&dir.path().join("data/mine"), 4, 2);
+        // A scales.yaml beside the spec with smoke sizes this small set can serve.
+        let scales = crate::spec::DEFAULT_SCALES.replace(
+            "data: { pretrain: 320, tune: 320, test: 160 }",
+            "data: { pretrain: 6, tune: 6, test: 6 }",
+        );
+        std::fs::write(dir.path().join("scales.yaml"), scales).unwrap();
+        let text = "name: t\ntitle: T\n\
+            datasets: { mine: { format: imagefolder, path: data/mine } }\n\
+            grid: { dataset: [mine], attack: [badnets-white], defence: [none] }\n\
+            report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n";
+        let spec =
+            crate::spec::LoadedSpec::from_str(text, "t.yaml", dir.path().to_path_buf()).unwrap();
+        let scale = spec.scale("smoke").unwrap();
+        let plan = crate::spec::plan::plan(&spec, &scale, None).unwrap();
+        let step = plan.steps[0].clone();
+        assert_eq!(step.kind, crate::dag::Kind::Dataset);
+        assert_eq!(step.locators["dataset_root"], dir.path().join("data/mine"));
+        let mut only = crate::dag::Plan::default();
+        only.add(step.clone());
+        let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
+        crate::dag::exec::Executor::new(store.clone(), None, 1)
+            .run(&only)
+            .unwrap();
+        let meta = crate::data::load_meta(&store.object_dir(&step.key)).unwrap();
+        assert_eq!(meta.classes, ["cat", "dog", "emu"]);
+        assert_eq!((meta.pretrain, meta.tune, meta.test), (6, 6, 6));
+        assert_eq!((meta.mean, meta.image_size), (MEAN, 16));
+
+        let bad = text.replace("data/mine", "data/theirs");
+        let spec =
+            crate::spec::LoadedSpec::from_str(&bad, "t.yaml", dir.path().to_path_buf()).unwrap();
+        let e = crate::spec::plan::plan(&spec, &scale, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.yaml: field `datasets.mine.path`") && e.contains("does not exist"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn errors_name_what_is_wrong_where() {
         let dir = tempfile::tempdir().unwrap();
         let e = find(

@@ -462,6 +462,22 @@ mod tests {
     }
 
     #[test]
+    fn small_training_splits_shrink_pretraining_only() {
+        assert_eq!(pretrain_size("x", 40_000, 10_000, 50_000).unwrap(), 40_000);
+        // GTSRB at the cpu scale: the tune set keeps its size.
+        assert_eq!(
+            pretrain_size("gtsrb", 40_000, 10_000, 39_209).unwrap(),
+            29_209
+        );
+        let e = pretrain_size("x", 320, 320, 400).unwrap_err().to_string();
+        assert!(
+            e.contains("asks for 320 pretrain + 320 tune") && e.contains("has 400"),
+            "{e}"
+        );
+        assert!(pretrain_size("x", 10, 500, 400).is_err());
+    }
+
+    #[test]
     fn resize_keeps_constant_images_constant() {
         let img = vec![128u8; 3 * 32 * 32];
         let r = resize_chw(&img, 32, 16);

@@ -753,6 +753,29 @@ pub mod tests {
     }
 
     #[test]
+    fn reads_a_file_written_by_cpythons_pickler() {
+        // tests/fixtures/torchlike.pth: the torch.save format built with CPython's Pickler
+        // and zipfile (tests/fixtures/make_torchlike_pth.py): BINGET/BINPUT, TUPLE1/2,
+        // NEWOBJ + BUILD (an argparse.Namespace), APPENDS, BINFLOAT, an int64 storage.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/torchlike.pth");
+        let named = read(Path::new(path)).unwrap();
+        let keys: Vec<&str> = named.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "teacher.module.backbone.h",
+                "teacher.module.backbone.w",
+                "teacher.module.backbone.wt"
+            ]
+        );
+        let w = &named["teacher.module.backbone.w"];
+        assert_eq!(w, &(vec![2, 3], vec![0., 1., 2., 3., 4., 5.]));
+        let wt = &named["teacher.module.backbone.wt"];
+        assert_eq!(wt, &(vec![3, 2], vec![0., 3., 1., 4., 2., 5.]));
+        assert_eq!(named["teacher.module.backbone.h"].1, [-2.0, 1.0, 3.0]);
+    }
+
+    #[test]
     fn strided_views_half_floats_and_bad_input() {
         assert_eq!(f16_to_f32(0x3c00), 1.0);
         assert_eq!(f16_to_f32(0xc000), -2.0);
