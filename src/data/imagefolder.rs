@@ -152,7 +152,17 @@ pub mod tests {
             let v = 50 * l as u8 + 20;
             assert!(raw.train.image(i)[..36].iter().all(|&r| r.abs_diff(v) < 12));
         }
+        // The grid entry `imagefolder` reads the root at --data-dir.
+        let (found, d) = crate::data::locate("imagefolder", None, Some(&root), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(found, root);
+        let e = crate::data::locate("imagefolder", None, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--data-dir"), "{e}");
         let a = idx.digest().unwrap();
+        assert_eq!(a, d);
         fixture::write(
             &root.join("test/emu/0.png"),
             &image::DynamicImage::ImageRgb8(fixture::rgb(12, 9, 3)),

@@ -19,7 +19,8 @@
 //! contrastive heads, `fc_norm`, …) are ignored, and the model gets a freshly initialised
 //! SiT head, which every consumer replaces anyway. The architecture must be ieu-bench's ViT
 //! (LayerNorm eps 1e-6, exact-erf GELU, attention scale head_dim^-0.5, qkv with bias, a
-//! class token). The number of heads cannot be read from shapes: it is the spec's `heads:`,
+//! class token); checkpoints with LayerScale, qk-norm, register tokens or a pre-norm are
+//! refused with the unexpected keys listed. The number of heads cannot be read from shapes: it is the spec's `heads:`,
 //! else the scale's when the widths agree, else dim/64 (timm's ViT-S/B/L).
 //!
 //! Image size: the model runs at the scale's image size with the checkpoint's patch size.
@@ -170,10 +171,13 @@ pub fn read_backbone(
                 None => break,
             }
         }
-        let backbone = matches!(n, "cls_token" | "pos_embed")
-            || n.starts_with("patch_embed.proj.")
+        // `norm_pre`, register tokens and unknown block parameters are kept so that
+        // [`infer`] can refuse ViT variants whose forward pass differs from ours.
+        let backbone = matches!(n, "cls_token" | "pos_embed" | "reg_token")
+            || n.starts_with("patch_embed.")
             || n.starts_with("blocks.")
-            || n.starts_with("norm.");
+            || n.starts_with("norm.")
+            || n.starts_with("norm_pre.");
         if backbone {
             out.insert(n.to_string(), t);
         }
@@ -300,6 +304,17 @@ pub fn infer(t: &Named, origin: &str) -> Result<Inferred> {
         &missing,
         &wrong,
     )?;
+    let known = |k: &str| {
+        k == "pos_embed" || k == "patch_embed.proj.weight" || want.iter().any(|(w, _)| w == k)
+    };
+    let extra: Vec<&str> = t.keys().map(String::as_str).filter(|k| !known(k)).collect();
+    if !extra.is_empty() {
+        bail!(
+            "{origin}: unsupported ViT variant (LayerScale, qk-norm, register tokens, a \
+             pre-norm or more blocks than the ones found): unexpected keys {}",
+            extra.join(", ")
+        );
+    }
     Ok(Inferred {
         dim,
         depth,
@@ -586,6 +601,15 @@ mod tests {
         assert!(
             e.contains("missing keys: norm.weight, blocks.1.mlp.fc2.bias")
                 && e.contains("blocks.0.attn.proj.bias: [9], expected [8]"),
+            "{e}"
+        );
+        let mut t = timm_tensors(&Vit::new(&c, 1, &device), &c);
+        t.insert("blocks.0.ls1.gamma".into(), (vec![8], vec![1e-4; 8]));
+        let path = dir.path().join("ls.safetensors");
+        crate::models::write_named(t, None, &path).unwrap();
+        let e = import(&path, Some(2), None, 8).err().unwrap().to_string();
+        assert!(
+            e.contains("unsupported ViT variant") && e.contains("blocks.0.ls1.gamma"),
             "{e}"
         );
         let path = dir.path().join("empty.safetensors");

@@ -31,19 +31,19 @@ use super::Named;
 fn zip_entries(bytes: &[u8]) -> Result<BTreeMap<String, (usize, usize)>> {
     let u16_at = |o: usize| -> Result<usize> {
         bytes
-            .get(o..o + 2)
+            .get(o..o.saturating_add(2))
             .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
             .ok_or_else(|| anyhow!("truncated zip"))
     };
     let u32_at = |o: usize| -> Result<usize> {
         bytes
-            .get(o..o + 4)
+            .get(o..o.saturating_add(4))
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
             .ok_or_else(|| anyhow!("truncated zip"))
     };
     let u64_at = |o: usize| -> Result<usize> {
         bytes
-            .get(o..o + 8)
+            .get(o..o.saturating_add(8))
             .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
             .ok_or_else(|| anyhow!("truncated zip"))
     };
@@ -61,7 +61,7 @@ fn zip_entries(bytes: &[u8]) -> Result<BTreeMap<String, (usize, usize)>> {
     {
         // Zip64: the locator points at the zip64 end-of-central-directory record.
         let rec = u64_at(eocd - 20 + 8)?;
-        if bytes.get(rec..rec + 4) != Some(b"PK\x06\x06") {
+        if bytes.get(rec..rec.saturating_add(4)) != Some(b"PK\x06\x06") {
             bail!("bad zip64 end-of-central-directory record");
         }
         count = u64_at(rec + 32)?;
@@ -70,7 +70,7 @@ fn zip_entries(bytes: &[u8]) -> Result<BTreeMap<String, (usize, usize)>> {
     let mut out = BTreeMap::new();
     let mut p = cd;
     for _ in 0..count {
-        if bytes.get(p..p + 4) != Some(b"PK\x01\x02") {
+        if bytes.get(p..p.saturating_add(4)) != Some(b"PK\x01\x02") {
             bail!("bad zip central directory entry at byte {p}");
         }
         let method = u16_at(p + 10)?;
@@ -110,11 +110,11 @@ fn zip_entries(bytes: &[u8]) -> Result<BTreeMap<String, (usize, usize)>> {
                 "zip entry {name} is compressed (method {method}); torch.save writes stored entries"
             );
         }
-        if bytes.get(local..local + 4) != Some(b"PK\x03\x04") {
+        if bytes.get(local..local.saturating_add(4)) != Some(b"PK\x03\x04") {
             bail!("bad zip local header for {name}");
         }
         let data = local + 30 + u16_at(local + 26)? + u16_at(local + 28)?;
-        if data + size > bytes.len() {
+        if data.saturating_add(size) > bytes.len() {
             bail!("zip entry {name} runs past the end of the file");
         }
         out.insert(name, (data, size));
@@ -208,7 +208,7 @@ fn call(f: Value, args: Value) -> Result<Value> {
 /// The next `n` bytes of `data` at `*i`.
 fn take<'a>(data: &'a [u8], i: &mut usize, n: usize) -> Result<&'a [u8]> {
     let s = data
-        .get(*i..*i + n)
+        .get(*i..i.saturating_add(n))
         .ok_or_else(|| anyhow!("pickle truncated at byte {}", *i))?;
     *i += n;
     Ok(s)
@@ -575,7 +575,25 @@ fn gather(t: &TensorRef, storage: &[u8], esize: usize, conv: Conv) -> Result<Vec
             t.shape.len()
         );
     }
-    let n: usize = t.shape.iter().product();
+    // The last element addressed must lie in the storage (this also bounds `n`).
+    let last = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .try_fold(t.offset, |a, (&d, &s)| {
+            a.checked_add(d.saturating_sub(1).checked_mul(s)?)
+        });
+    let n = t
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= 1 << 28); // 1 GiB of f32: far above any weight tensor
+    let (Some(last), Some(n)) = (last, n) else {
+        bail!("shape {:?} / stride {:?} overflow", t.shape, t.stride);
+    };
+    if n > 0 && last.saturating_add(1).saturating_mul(esize) > storage.len() {
+        bail!("element {last} lies outside its storage");
+    }
     let mut vals = Vec::with_capacity(n);
     let mut idx = vec![0usize; t.shape.len()];
     for _ in 0..n {
@@ -773,6 +791,22 @@ pub mod tests {
         let wt = &named["teacher.module.backbone.wt"];
         assert_eq!(wt, &(vec![3, 2], vec![0., 3., 1., 4., 2., 5.]));
         assert_eq!(named["teacher.module.backbone.h"].1, [-2.0, 1.0, 3.0]);
+    }
+
+    #[test]
+    fn damaged_files_are_errors_not_panics() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/torchlike.pth");
+        let good = std::fs::read(path).unwrap();
+        for cut in 0..good.len() {
+            let _ = read_bytes(&good[..cut]);
+        }
+        for i in 0..good.len() {
+            for v in [0x00, 0xff, 0x7f] {
+                let mut bad = good.clone();
+                bad[i] = v;
+                let _ = read_bytes(&bad);
+            }
+        }
     }
 
     #[test]
