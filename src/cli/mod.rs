@@ -31,7 +31,8 @@ pub struct Common {
     /// Content-addressed artefact store.
     #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
     pub store: PathBuf,
-    /// Where datasets are looked up (e.g. DIR/cifar-10-batches-bin).
+    /// Where datasets are looked up: DIR/cifar-10-batches-bin, DIR/GTSRB, DIR/tiny-imagenet-200;
+    /// for the grid entry `imagefolder`, DIR/train/<class>/ and DIR/test/<class>/.
     #[arg(long, env = "IEU_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Restrict a grid axis, e.g. --only attack=badnets-white,blended (repeatable).

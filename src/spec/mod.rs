@@ -5,6 +5,12 @@
 //! size: image size, model dimensions, subset sizes, epochs, batch sizes and optimiser
 //! settings. Both are parsed strictly: unknown keys, unknown names and out-of-range values
 //! are errors naming the file and the field.
+//!
+//! Besides the built-in datasets (looked up under `--data-dir`), a spec may name datasets
+//! of its own in `datasets:` (`mine: { format: imagefolder, path: DIR }`, DIR relative to
+//! the spec file) and use those names in `grid.dataset`. `defaults.pretrained: FILE` (or
+//! `{ path, heads, checkpoint_key }`) starts every model from an imported checkpoint
+//! instead of the `pretrain` step (`src/models/import.rs`).
 
 pub mod names;
 pub mod plan;
