@@ -167,22 +167,6 @@ fn bad_spec_is_one_clear_error() {
 }
 
 #[test]
-fn unimplemented_names_need_filtering() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table3.yaml");
-    bin()
-        .args(["run"])
-        .arg(&spec)
-        .args(["--dry-run", "--store"])
-        .arg(dir.path())
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "not implemented yet: dataset gtsrb",
-        ));
-}
-
-#[test]
 fn missing_dataset_says_what_is_expected_where() {
     let dir = tempfile::tempdir().unwrap();
     let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table3.yaml");
@@ -675,5 +659,59 @@ fn table18_plans_cat_on_cifar10() {
         plan.contains("poison cifar10/cat+smooth")
             && plan.contains("plan: 42 steps, 0 cached, 42 to run"),
         "{plan}"
+    );
+}
+
+#[test]
+fn pretrained_checkpoint_shows_as_an_import_step() {
+    use ieu_bench::models::{Vit, VitConfig, timm};
+    let dir = tempfile::tempdir().unwrap();
+    // A timm-layout checkpoint of the smoke scale's width (heads come from the scale).
+    let cfg = VitConfig {
+        image_size: 16,
+        patch_size: 4,
+        dim: 32,
+        depth: 2,
+        heads: 2,
+        mlp_ratio: 2,
+        num_classes: 10,
+    };
+    let vit = Vit::new(&cfg, 5, &burn::prelude::Device::flex());
+    timm::export(&vit, &cfg, &dir.path().join("vit.safetensors")).unwrap();
+    let spec = dir.path().join("s.yaml");
+    std::fs::write(
+        &spec,
+        "name: s\ntitle: S\ndefaults: { pretrained: vit.safetensors }\n\
+         grid: { dataset: [synthetic], attack: [badnets-white], defence: [none] }\n\
+         report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n",
+    )
+    .unwrap();
+    let st = dir.path().join("st");
+    let plan = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args(["--scale", "smoke", "--dry-run", "--store"])
+            .arg(&st),
+    );
+    let line = plan
+        .lines()
+        .find(|l| l.contains("import vit.safetensors"))
+        .unwrap_or_else(|| panic!("no import step:\n{plan}"));
+    assert!(!plan.contains(" pretrain "), "{plan}");
+    assert!(plan.contains("plan: 5 steps, 0 cached, 5 to run"), "{plan}");
+    let hash = line.split_whitespace().nth(2).unwrap().to_string();
+    let run = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args(["--scale", "smoke", "--store"])
+            .arg(&st),
+    );
+    assert!(run.contains("done: 5 steps, 5 run"), "{run}");
+    let show = stdout(bin().args(["show", &hash, "--store"]).arg(&st));
+    assert!(
+        show.contains("\"kind\": \"import\"") && show.contains("\"digest\""),
+        "{show}"
     );
 }

@@ -574,6 +574,7 @@ mod tests {
         let p = smoke_params();
         let dp = crate::data::DatasetParams {
             name: "synthetic".into(),
+            format: None,
             image_size: p.image_size,
             pretrain: 320,
             tune: 200,
@@ -581,7 +582,7 @@ mod tests {
             seed: 0,
             source_digest: None,
         };
-        crate::data::run_dataset_step(&dp, None, &data).unwrap();
+        crate::data::run_dataset_step(&dp, None, None, &data).unwrap();
         let t0 = std::time::Instant::now();
         let st = run_stegastamp_step(&p, &data, &out, &device).unwrap();
         eprintln!(

@@ -31,7 +31,8 @@ pub struct Common {
     /// Content-addressed artefact store.
     #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
     pub store: PathBuf,
-    /// Where datasets are looked up (e.g. DIR/cifar-10-batches-bin).
+    /// Where datasets are looked up: DIR/cifar-10-batches-bin, DIR/GTSRB, DIR/tiny-imagenet-200;
+    /// for the grid entry `imagefolder`, DIR/train/<class>/ and DIR/test/<class>/.
     #[arg(long, env = "IEU_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Restrict a grid axis, e.g. --only attack=badnets-white,blended (repeatable).
@@ -93,6 +94,7 @@ pub enum Command {
         /// Output PNG file.
         #[arg(long)]
         out: PathBuf,
+        /// synthetic, cifar10, gtsrb, tinyimagenet or imagefolder (read from --data-dir).
         #[arg(long, default_value = "synthetic")]
         dataset: String,
         #[arg(long, env = "IEU_DATA_DIR")]
@@ -207,7 +209,7 @@ pub fn main(cli: Cli) -> Result<()> {
             let mut df = crate::report::collect(&plan, &store)?;
             if !plan.skipped.is_empty() {
                 eprintln!(
-                    "note: not implemented yet, left out of the report: {}",
+                    "note: not implemented yet or data not found, left out of the report: {}",
                     plan.skipped.join(", ")
                 );
             }
@@ -278,7 +280,24 @@ pub fn main(cli: Cli) -> Result<()> {
                     let dir = crate::data::cifar10::find(data_dir.as_deref())?;
                     (crate::data::cifar10::load(&dir)?, 320)
                 }
-                other => bail!("not implemented yet: dataset {other}"),
+                other => {
+                    // Other datasets: their test images, which also serve as the pool.
+                    let test = crate::data::load_test(other, data_dir.as_deref(), size)?;
+                    let n = test
+                        .labels
+                        .iter()
+                        .map(|&l| l as usize + 1)
+                        .max()
+                        .unwrap_or(1);
+                    let raw = crate::data::RawSplits {
+                        train: test.clone(),
+                        test,
+                        classes: (0..n).map(|c| c.to_string()).collect(),
+                        mean: crate::data::gtsrb::MEAN,
+                        std: crate::data::gtsrb::STD,
+                    };
+                    (raw, 320)
+                }
             };
             let test = crate::data::resize_set(&raw.test, size);
             let pool = crate::data::resize_set(

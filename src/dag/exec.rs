@@ -170,7 +170,9 @@ impl Executor {
             Kind::Dataset => {
                 let p: crate::data::DatasetParams = step.params()?;
                 let data_dir = step.locators.get("data_dir").or(self.data_dir.as_ref());
-                let meta = crate::data::run_dataset_step(&p, data_dir.map(|p| p.as_path()), out)?;
+                let root = step.locators.get("dataset_root").map(|p| p.as_path());
+                let meta =
+                    crate::data::run_dataset_step(&p, data_dir.map(|p| p.as_path()), root, out)?;
                 tracing::info!(
                     "    {}: {} pretrain, {} tune, {} test images",
                     meta.name,
@@ -245,6 +247,15 @@ impl Executor {
                 let acc =
                     crate::train::run_pretrain_step(&p, &self.input(step, "dataset")?, out, dev)?;
                 tracing::info!("    pretrained checkpoint: {acc:.2}% clean test accuracy");
+            }
+            Kind::Import => {
+                let p: crate::models::import::ImportParams = step.params()?;
+                let path = step
+                    .locators
+                    .get("checkpoint")
+                    .ok_or_else(|| anyhow!("import step {} has no checkpoint file", step.label))?;
+                let note = crate::models::import::run_import_step(&p, path, out, dev)?;
+                tracing::info!("    {note}");
             }
             Kind::Stage1 => {
                 let p: crate::defences::ieu::Stage1Params = step.params()?;

@@ -25,6 +25,9 @@ pub enum Kind {
     Stegastamp,
     /// Train the clean starting checkpoint on the pretrain split.
     Pretrain,
+    /// Import the starting checkpoint from a file (`defaults.pretrained`), instead of
+    /// `Pretrain`; same outputs.
+    Import,
     /// IEU stage 1: tune the shallow poisoned module f_p.
     Stage1,
     /// ABL's isolation: an LGA finetune and the lowest-loss r_isol fraction.
@@ -42,6 +45,7 @@ impl Kind {
             Kind::Poison => "poison",
             Kind::Stegastamp => "stegastamp",
             Kind::Pretrain => "pretrain",
+            Kind::Import => "import",
             Kind::Stage1 => "stage1",
             Kind::Isolate => "isolate",
             Kind::Finetune => "finetune",
@@ -56,6 +60,7 @@ impl Kind {
             Kind::Poison => crate::attacks::POISON_VERSION,
             Kind::Stegastamp => crate::attacks::issba::STEGASTAMP_VERSION,
             Kind::Pretrain => crate::train::PRETRAIN_VERSION,
+            Kind::Import => crate::models::import::IMPORT_VERSION,
             Kind::Stage1 => crate::defences::ieu::STAGE1_VERSION,
             Kind::Isolate => crate::defences::abl::ISOLATE_VERSION,
             Kind::Finetune => crate::defences::FINETUNE_VERSION,

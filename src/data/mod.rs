@@ -6,11 +6,15 @@
 
 pub mod augment;
 pub mod cifar10;
+pub mod files;
+pub mod gtsrb;
+pub mod imagefolder;
 pub mod synthetic;
+pub mod tinyimagenet;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -137,6 +141,10 @@ impl DatasetMeta {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DatasetParams {
     pub name: String,
+    /// On-disk format of a dataset named by a spec's `datasets:` entry (`imagefolder`);
+    /// `None` for the built-in names. Left out of the key when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
     pub image_size: usize,
     pub pretrain: usize,
     pub tune: usize,
@@ -149,16 +157,98 @@ pub struct DatasetParams {
 
 pub const DATASET_VERSION: u32 = 1;
 
+/// How a dataset is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Synthetic,
+    Cifar10,
+    Gtsrb,
+    TinyImageNet,
+    ImageFolder,
+}
+
+impl Format {
+    /// The format of a built-in dataset name, or of a spec entry's `format`.
+    pub fn of(name: &str, format: Option<&str>) -> Result<Self> {
+        Ok(match format.unwrap_or(name) {
+            "synthetic" => Format::Synthetic,
+            "cifar10" => Format::Cifar10,
+            "gtsrb" => Format::Gtsrb,
+            "tinyimagenet" => Format::TinyImageNet,
+            "imagefolder" => Format::ImageFolder,
+            other => bail!("not implemented yet: dataset {other}"),
+        })
+    }
+}
+
+/// The directory a dataset is read from: `root` for a spec's `datasets:` entry, else
+/// looked up under `data_dir`; `None` for generated data.
+pub fn find(fmt: Format, data_dir: Option<&Path>, root: Option<&Path>) -> Result<Option<PathBuf>> {
+    Ok(Some(match fmt {
+        Format::Synthetic => return Ok(None),
+        Format::Cifar10 => cifar10::find(data_dir)?,
+        Format::Gtsrb => gtsrb::find(data_dir)?,
+        Format::TinyImageNet => tinyimagenet::find(data_dir)?,
+        Format::ImageFolder => match (root, data_dir) {
+            (Some(r), _) => imagefolder::find(r, "dataset root")?,
+            (None, Some(d)) => imagefolder::find(d, "dataset imagefolder (--data-dir)")?,
+            (None, None) => bail!(
+                "dataset imagefolder needs a data directory: pass --data-dir ROOT (or set \
+                 IEU_DATA_DIR) where ROOT/train/<class>/ and ROOT/test/<class>/ hold images"
+            ),
+        },
+    }))
+}
+
+/// The samples of a file-per-image dataset in `dir`.
+fn index(fmt: Format, dir: &Path) -> Result<Option<files::FileSplits>> {
+    Ok(Some(match fmt {
+        Format::Gtsrb => gtsrb::index(dir)?,
+        Format::TinyImageNet => tinyimagenet::index(dir)?,
+        Format::ImageFolder => imagefolder::index(dir)?,
+        Format::Synthetic | Format::Cifar10 => return Ok(None),
+    }))
+}
+
+/// Content digest of the files a dataset reads in `dir`.
+pub fn digest(fmt: Format, dir: &Path) -> Result<String> {
+    match index(fmt, dir)? {
+        Some(files) => files.digest(),
+        None => cifar10::digest(dir),
+    }
+}
+
 /// Finds a dataset on disk for planning: its directory and a content digest.
-pub fn locate(name: &str, data_dir: Option<&Path>) -> Result<Option<(PathBuf, String)>> {
-    match name {
-        "synthetic" => Ok(None),
-        "cifar10" => {
-            let dir = cifar10::find(data_dir)?;
-            let digest = cifar10::digest(&dir)?;
-            Ok(Some((dir, digest)))
+pub fn locate(
+    name: &str,
+    format: Option<&str>,
+    data_dir: Option<&Path>,
+    root: Option<&Path>,
+) -> Result<Option<(PathBuf, String)>> {
+    let fmt = Format::of(name, format)?;
+    match find(fmt, data_dir, root)? {
+        None => Ok(None),
+        Some(dir) => {
+            let d = digest(fmt, &dir)?;
+            Ok(Some((dir, d)))
         }
-        other => Err(anyhow!("not implemented yet: dataset {other}")),
+    }
+}
+
+/// The test split of a built-in dataset at `size` (for previews).
+pub fn load_test(name: &str, data_dir: Option<&Path>, size: usize) -> Result<ImageSet> {
+    let fmt = Format::of(name, None)?;
+    let Some(dir) = find(fmt, data_dir, None)? else {
+        return Ok(synthetic::generate(0, 0, 200, size).test);
+    };
+    match index(fmt, &dir)? {
+        Some(f) => files::decode_set(
+            &f.test,
+            &(0..f.test.len()).collect::<Vec<_>>(),
+            size,
+            "test",
+        ),
+        None => Ok(resize_set(&cifar10::load(&dir)?.test, size)),
     }
 }
 
@@ -171,68 +261,127 @@ pub struct RawSplits {
     pub std: [f32; 3],
 }
 
+/// A dataset's samples: decoded in memory, or image files decoded on demand.
+enum Source {
+    Memory(RawSplits),
+    Files(files::FileSplits),
+}
+
+impl Source {
+    fn lens(&self) -> (usize, usize) {
+        match self {
+            Source::Memory(r) => (r.train.len(), r.test.len()),
+            Source::Files(f) => (f.train.len(), f.test.len()),
+        }
+    }
+    fn subset(&self, test: bool, idx: &[usize], size: usize, what: &str) -> Result<ImageSet> {
+        Ok(match self {
+            Source::Memory(r) => {
+                resize_set(&(if test { &r.test } else { &r.train }).subset(idx), size)
+            }
+            Source::Files(f) => {
+                files::decode_set(if test { &f.test } else { &f.train }, idx, size, what)?
+            }
+        })
+    }
+    fn classes_and_stats(&self) -> (Vec<String>, [f32; 3], [f32; 3]) {
+        match self {
+            Source::Memory(r) => (r.classes.clone(), r.mean, r.std),
+            Source::Files(f) => (f.classes.clone(), f.mean, f.std),
+        }
+    }
+}
+
+/// The pretrain split's size when the training split is too small for the scale: the tune
+/// set keeps its size and pretraining gets what remains (GTSRB has 39 209 training images,
+/// fewer than the `cpu` scale's 40 000 + 10 000), provided that is at least half of what
+/// was asked; otherwise an error.
+pub fn pretrain_size(name: &str, pretrain: usize, tune: usize, available: usize) -> Result<usize> {
+    if pretrain + tune <= available {
+        return Ok(pretrain);
+    }
+    let left = available.saturating_sub(tune);
+    if left == 0 || left * 2 < pretrain {
+        bail!(
+            "dataset {name}: the scale asks for {pretrain} pretrain + {tune} tune images but the \
+             training split has {available}"
+        );
+    }
+    tracing::warn!(
+        "dataset {name}: {available} training images are fewer than {pretrain} pretrain + \
+         {tune} tune; pretraining on the {left} that remain"
+    );
+    Ok(left)
+}
+
 /// Runs the `dataset` step: reads or generates the data, splits it into disjoint pretrain
 /// and tune subsets (a seeded permutation of the training split), and writes
-/// `pretrain.safetensors`, `tune.safetensors`, `test.safetensors` and `meta.json`.
+/// `pretrain.safetensors`, `tune.safetensors`, `test.safetensors` and `meta.json`. Datasets
+/// of image files decode only the images the subsets use. `root` is a spec entry's folder.
 pub fn run_dataset_step(
     p: &DatasetParams,
     data_dir: Option<&Path>,
+    root: Option<&Path>,
     out: &Path,
 ) -> Result<DatasetMeta> {
-    let raw = match p.name.as_str() {
-        "synthetic" => synthetic::generate(p.seed, p.pretrain + p.tune, p.test, p.image_size),
-        "cifar10" => {
-            let dir = cifar10::find(data_dir)?;
-            let digest = cifar10::digest(&dir)?;
+    let fmt = Format::of(&p.name, p.format.as_deref())?;
+    let src = match find(fmt, data_dir, root)? {
+        None => Source::Memory(synthetic::generate(
+            p.seed,
+            p.pretrain + p.tune,
+            p.test,
+            p.image_size,
+        )),
+        Some(dir) => {
+            let files = index(fmt, &dir)?;
+            let digest = match &files {
+                Some(f) => f.digest()?,
+                None => cifar10::digest(&dir)?,
+            };
             if Some(&digest) != p.source_digest.as_ref() {
                 bail!(
-                    "CIFAR-10 files in {} changed since planning; run again",
+                    "dataset {}: the files in {} changed since planning; run again",
+                    p.name,
                     dir.display()
                 );
             }
-            let mut raw = cifar10::load(&dir)?;
-            raw.train = resize_set(&raw.train, p.image_size);
-            raw.test = resize_set(&raw.test, p.image_size);
-            raw
+            match files {
+                Some(f) => Source::Files(f),
+                None => Source::Memory(cifar10::load(&dir)?),
+            }
         }
-        other => bail!("not implemented yet: dataset {other}"),
     };
-    let want_train = p.pretrain + p.tune;
-    if want_train > raw.train.len() {
-        bail!(
-            "dataset {}: the scale asks for {} pretrain + {} tune images but the training split has {}",
-            p.name,
-            p.pretrain,
-            p.tune,
-            raw.train.len()
-        );
-    }
-    let test_n = if p.test == 0 { raw.test.len() } else { p.test };
-    if test_n > raw.test.len() {
+    let (n_train, n_test) = src.lens();
+    let n_pre = pretrain_size(&p.name, p.pretrain, p.tune, n_train)?;
+    let want_train = n_pre + p.tune;
+    let test_n = if p.test == 0 { n_test } else { p.test };
+    if test_n > n_test {
         bail!(
             "dataset {}: the scale asks for {} test images but there are {}",
             p.name,
             test_n,
-            raw.test.len()
+            n_test
         );
     }
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed ^ 0xDA7A);
-    let mut perm: Vec<usize> = (0..raw.train.len()).collect();
+    let mut perm: Vec<usize> = (0..n_train).collect();
     perm.shuffle(&mut rng);
-    let pretrain = raw.train.subset(&perm[..p.pretrain]);
-    let tune = raw.train.subset(&perm[p.pretrain..want_train]);
-    let mut tperm: Vec<usize> = (0..raw.test.len()).collect();
+    let mut tperm: Vec<usize> = (0..n_test).collect();
     tperm.shuffle(&mut rng);
-    let test = raw.test.subset(&tperm[..test_n]);
+    let size = p.image_size;
+    let pretrain = src.subset(false, &perm[..n_pre], size, "pretrain")?;
+    let tune = src.subset(false, &perm[n_pre..want_train], size, "tune")?;
+    let test = src.subset(true, &tperm[..test_n], size, "test")?;
     pretrain.save(&out.join("pretrain.safetensors"))?;
     tune.save(&out.join("tune.safetensors"))?;
     test.save(&out.join("test.safetensors"))?;
+    let (classes, mean, std) = src.classes_and_stats();
     let meta = DatasetMeta {
         name: p.name.clone(),
-        classes: raw.classes,
+        classes,
         image_size: p.image_size,
-        mean: raw.mean,
-        std: raw.std,
+        mean,
+        std,
         pretrain: pretrain.len(),
         tune: tune.len(),
         test: test.len(),
@@ -310,6 +459,22 @@ mod tests {
         let p = dir.path().join("s.safetensors");
         s.save(&p).unwrap();
         assert_eq!(ImageSet::load(&p).unwrap(), s);
+    }
+
+    #[test]
+    fn small_training_splits_shrink_pretraining_only() {
+        assert_eq!(pretrain_size("x", 40_000, 10_000, 50_000).unwrap(), 40_000);
+        // GTSRB at the cpu scale: the tune set keeps its size.
+        assert_eq!(
+            pretrain_size("gtsrb", 40_000, 10_000, 39_209).unwrap(),
+            29_209
+        );
+        let e = pretrain_size("x", 320, 320, 400).unwrap_err().to_string();
+        assert!(
+            e.contains("asks for 320 pretrain + 320 tune") && e.contains("has 400"),
+            "{e}"
+        );
+        assert!(pretrain_size("x", 10, 500, 400).is_err());
     }
 
     #[test]

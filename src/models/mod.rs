@@ -4,6 +4,8 @@
 //! module path (`blocks.0.attn.qkv.weight`, …) and written in sorted order, so the same
 //! weights always give the same bytes (and the same digest in the store).
 
+pub mod import;
+pub mod pth;
 pub mod timm;
 pub mod vit;
 
@@ -129,6 +131,16 @@ impl ModuleMapper for Load {
 
 /// Loads a checkpoint written by [`save_safetensors`] into `m` (every parameter must match).
 pub fn load_safetensors<M: Module>(m: M, path: &Path, device: &Device) -> Result<M> {
+    load_named(
+        m,
+        read_safetensors(path)?,
+        device,
+        &path.display().to_string(),
+    )
+}
+
+/// Every tensor of an F32 safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<Named> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
@@ -145,6 +157,12 @@ pub fn load_safetensors<M: Module>(m: M, path: &Path, device: &Device) -> Result
         let data = f32_values(&view);
         tensors.insert(name, (view.shape().to_vec(), data));
     }
+    Ok(tensors)
+}
+
+/// Sets every float parameter of `m` from `tensors` (by module path); every parameter must
+/// be present with its shape and every tensor used. `origin` names the source in errors.
+pub fn load_named<M: Module>(m: M, tensors: Named, device: &Device, origin: &str) -> Result<M> {
     let total = tensors.len();
     let mut loader = Load {
         path: Vec::new(),
@@ -156,15 +174,13 @@ pub fn load_safetensors<M: Module>(m: M, path: &Path, device: &Device) -> Result
     let m = m.map(&mut loader);
     if !loader.errors.is_empty() {
         bail!(
-            "checkpoint {} does not fit the model:\n  {}",
-            path.display(),
+            "checkpoint {origin} does not fit the model:\n  {}",
             loader.errors.join("\n  ")
         );
     }
     if loader.used != total {
         bail!(
-            "checkpoint {}: {} tensors are not used by the model",
-            path.display(),
+            "checkpoint {origin}: {} tensors are not used by the model",
             total - loader.used
         );
     }

@@ -69,38 +69,71 @@ pub fn import(path: &Path, cfg: &VitConfig, device: &Device) -> Result<Vit> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not safetensors", path.display()))?;
-    let model = Vit::new(cfg, 0, device);
+    let mut t: Named = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        t.insert(name, (view.shape().to_vec(), f32_values(&view)));
+    }
+    from_timm(&t, cfg, None, device, &path.display().to_string())
+}
+
+/// A ViT of `cfg` from tensors under timm names. With `fresh_head: Some(seed)` the head is
+/// freshly initialised from `seed` and `head.*` tensors are not read (imports of foreign
+/// checkpoints); otherwise `head.fc1.*` / `head.fc2.*` must be present (our own exports).
+/// Errors list every missing key and every wrong shape.
+pub fn from_timm(
+    t: &Named,
+    cfg: &VitConfig,
+    fresh_head: Option<u64>,
+    device: &Device,
+    origin: &str,
+) -> Result<Vit> {
+    let model = Vit::new(cfg, fresh_head.unwrap_or(0), device);
     let mut burn_named: Named = BTreeMap::new();
     let mut missing = Vec::new();
-    for (name, (shape, _)) in named_params(&model) {
+    let mut wrong = Vec::new();
+    for (name, (shape, init)) in named_params(&model) {
+        if fresh_head.is_some() && name.starts_with("head.") {
+            burn_named.insert(name, (shape, init));
+            continue;
+        }
         let (tname, lin) = timm_name(&name);
-        let Ok(view) = st.tensor(&tname) else {
+        let Some((tshape, v)) = t.get(&tname) else {
             missing.push(tname);
             continue;
         };
-        let v = f32_values(&view);
-        let entry = if name == "patch_embed.weight" || lin {
-            let (r, c) = (view.shape()[0], view.shape()[1..].iter().product());
-            transpose(&[r, c], &v)
+        let entry = if (name == "patch_embed.weight" || lin) && tshape.len() >= 2 {
+            let (r, c) = (tshape[0], tshape[1..].iter().product());
+            transpose(&[r, c], v)
         } else {
-            (view.shape().to_vec(), v)
+            (tshape.clone(), v.clone())
         };
         if entry.0 != shape {
-            bail!(
-                "{}: {tname} has shape {:?}, the model needs {:?}",
-                path.display(),
-                view.shape(),
-                shape
-            );
+            wrong.push(format!("{tname}: {tshape:?}"));
+            continue;
         }
         burn_named.insert(name, entry);
     }
-    if !missing.is_empty() {
-        bail!("{}: missing keys: {}", path.display(), missing.join(", "));
+    check_keys(
+        &format!("{origin}: does not fit a ViT of {cfg:?}"),
+        &missing,
+        &wrong,
+    )?;
+    super::load_named(model, burn_named, device, origin)
+}
+
+/// An error headed `what` listing missing keys and wrong shapes, if there are any.
+pub fn check_keys(what: &str, missing: &[String], wrong: &[String]) -> Result<()> {
+    if missing.is_empty() && wrong.is_empty() {
+        return Ok(());
     }
-    let tmp = tempfile::NamedTempFile::new()?;
-    write_named(burn_named, None, tmp.path())?;
-    super::load_safetensors(model, tmp.path(), device)
+    let mut msg = what.to_string();
+    if !missing.is_empty() {
+        msg.push_str(&format!("\n  missing keys: {}", missing.join(", ")));
+    }
+    if !wrong.is_empty() {
+        msg.push_str(&format!("\n  wrong shapes: {}", wrong.join("; ")));
+    }
+    bail!(msg)
 }
 
 #[cfg(test)]

@@ -5,6 +5,12 @@
 //! size: image size, model dimensions, subset sizes, epochs, batch sizes and optimiser
 //! settings. Both are parsed strictly: unknown keys, unknown names and out-of-range values
 //! are errors naming the file and the field.
+//!
+//! Besides the built-in datasets (looked up under `--data-dir`), a spec may name datasets
+//! of its own in `datasets:` (`mine: { format: imagefolder, path: DIR }`, DIR relative to
+//! the spec file) and use those names in `grid.dataset`. `defaults.pretrained: FILE` (or
+//! `{ path, heads, checkpoint_key }`) starts every model from an imported checkpoint
+//! instead of the `pretrain` step (`src/models/import.rs`).
 
 pub mod names;
 pub mod plan;
@@ -40,6 +46,10 @@ pub struct Spec {
     /// `grid.attack` (Tables 1, 5, 8's "No Attack" with rate 0, 17).
     #[serde(default)]
     pub attack_variants: BTreeMap<String, AttackVariant>,
+    /// A user's own datasets, by name, usable in `grid.dataset`:
+    /// `mydata: { format: imagefolder, path: DIR }`.
+    #[serde(default)]
+    pub datasets: BTreeMap<String, DatasetEntry>,
     pub grid: Grid,
     pub report: ReportLayout,
 }
@@ -53,11 +63,66 @@ pub struct Defaults {
     /// Attacker's target class.
     pub target: usize,
     pub model: String,
+    /// Start from this checkpoint file instead of pretraining (an `import` step replaces
+    /// the `pretrain` step): `pretrained: FILE` or `pretrained: { path: FILE, heads: H,
+    /// checkpoint_key: K }`; FILE is relative to the spec file. See `src/models/import.rs`.
+    pub pretrained: Option<Pretrained>,
     pub attacks: AttackDefaults,
     pub ieu: IeuDefaults,
     pub abl: crate::defences::abl::AblSettings,
     pub ibau: crate::defences::ibau::IbauSettings,
     pub attnblock: crate::defences::attnblock::AttnBlockSettings,
+}
+
+/// A pretrained checkpoint to start from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pretrained {
+    /// A timm-layout `.safetensors` file or a PyTorch `.pth` (relative to the spec file).
+    pub path: String,
+    /// Attention heads (shapes do not tell); default: the scale's when the widths agree,
+    /// else width/64.
+    pub heads: Option<usize>,
+    /// `.pth` only: the nested state dict to read (default: the top level, else the first of
+    /// teacher, student, model, state_dict, model_state_dict).
+    pub checkpoint_key: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Pretrained {
+    /// A bare path or a mapping with `path`, `heads`, `checkpoint_key`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            path: String,
+            #[serde(default)]
+            heads: Option<usize>,
+            #[serde(default)]
+            checkpoint_key: Option<String>,
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Pretrained;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a checkpoint path or { path, heads, checkpoint_key }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Pretrained, E> {
+                Ok(Pretrained {
+                    path: v.to_string(),
+                    heads: None,
+                    checkpoint_key: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<Pretrained, A::Error> {
+                let f = Full::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(Pretrained {
+                    path: f.path,
+                    heads: f.heads,
+                    checkpoint_key: f.checkpoint_key,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl Default for Defaults {
@@ -67,6 +132,7 @@ impl Default for Defaults {
             poison_rate: 0.1,
             target: 1,
             model: "vit".into(),
+            pretrained: None,
             attacks: AttackDefaults::default(),
             ieu: IeuDefaults::default(),
             abl: Default::default(),
@@ -271,6 +337,30 @@ pub struct AttackVariant {
     /// Target class for this entry (`defaults.target` otherwise).
     #[serde(default)]
     pub target: Option<usize>,
+}
+
+/// A dataset of the user's own (see `src/data/imagefolder.rs`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetEntry {
+    /// On-disk layout: `imagefolder` (`DIR/train/<class>/*`, `DIR/test/<class>/*`).
+    pub format: DatasetFormat,
+    /// The dataset's root folder: absolute, or relative to the spec file.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    Imagefolder,
+}
+
+impl DatasetFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetFormat::Imagefolder => "imagefolder",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -681,6 +771,14 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
     if d.ieu.fp_depth == 0 {
         bail!("{file}: field `defaults.ieu.fp_depth`: must be at least 1");
     }
+    if let Some(p) = &d.pretrained {
+        if p.path.trim().is_empty() {
+            bail!("{file}: field `defaults.pretrained.path`: empty path");
+        }
+        if p.heads == Some(0) {
+            bail!("{file}: field `defaults.pretrained.heads`: must be at least 1");
+        }
+    }
     if d.model != "vit" {
         bail!(
             "{file}: field `defaults.model`: unknown model '{}' (known: vit)",
@@ -780,6 +878,7 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
         for (i, v) in list.iter().enumerate() {
             if (axis == "defence" && spec.variants.contains_key(v))
                 || (axis == "attack" && spec.attack_variants.contains_key(v))
+                || (axis == "dataset" && spec.datasets.contains_key(v))
             {
                 continue;
             }
@@ -829,6 +928,16 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
         bail!(
             "{file}: field `defaults.attacks.cat.base`: '{cat_base}' is not an attack CAT can perturb"
         );
+    }
+    for (name, entry) in &spec.datasets {
+        if DATASETS.iter().any(|(n, _)| n == name) {
+            bail!(
+                "{file}: field `datasets.{name}`: '{name}' is a built-in dataset; choose another name"
+            );
+        }
+        if entry.path.trim().is_empty() {
+            bail!("{file}: field `datasets.{name}.path`: empty path");
+        }
     }
     for (name, v) in &spec.variants {
         if DEFENCES.iter().any(|(n, _)| n == name) {
@@ -1109,6 +1218,84 @@ report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
             .unwrap_err()
             .to_string();
         assert!(e.contains("variants.ieu-nm.ieu.c_thresh"), "{e}");
+    }
+
+    #[test]
+    fn dataset_entries_are_grid_datasets_and_are_checked() {
+        let spec = GOOD.replace(
+            "name: t",
+            "name: t\ndatasets:\n  signs: { format: imagefolder, path: data/signs }",
+        );
+        let spec = spec.replace("dataset: [synthetic]", "dataset: [synthetic, signs]");
+        let s = LoadedSpec::from_str(&spec, "t.yaml", ".".into()).unwrap();
+        assert_eq!(s.spec.datasets["signs"].path, "data/signs");
+        let e = LoadedSpec::from_str(&spec.replace("imagefolder", "lmdb"), "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.yaml") && e.contains("datasets.signs.format"),
+            "{e}"
+        );
+        let e = LoadedSpec::from_str(&spec.replace("path:", "root:"), "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("datasets.signs") && e.contains("root"), "{e}");
+        let e = LoadedSpec::from_str(
+            &spec
+                .replace("  signs:", "  cifar10:")
+                .replace("signs]", "cifar10]"),
+            "t.yaml",
+            ".".into(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("datasets.cifar10") && e.contains("built-in"),
+            "{e}"
+        );
+        let e = LoadedSpec::from_str(
+            &spec.replace("[synthetic, signs]", "[synthetic, sings]"),
+            "t.yaml",
+            ".".into(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("grid.dataset[1]") && e.contains("sings"), "{e}");
+    }
+
+    #[test]
+    fn pretrained_is_a_path_or_a_mapping() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "name: t",
+                &format!("name: t\ndefaults: {{ pretrained: {v} }}"),
+            )
+        };
+        let s = LoadedSpec::from_str(&with("vit.safetensors"), "t.yaml", ".".into()).unwrap();
+        let p = s.spec.defaults.pretrained.unwrap();
+        assert_eq!((p.path.as_str(), p.heads), ("vit.safetensors", None));
+        let s = LoadedSpec::from_str(
+            &with("{ path: sit.pth, heads: 6, checkpoint_key: teacher }"),
+            "t.yaml",
+            ".".into(),
+        )
+        .unwrap();
+        let p = s.spec.defaults.pretrained.unwrap();
+        assert_eq!(
+            (p.heads, p.checkpoint_key.as_deref()),
+            (Some(6), Some("teacher"))
+        );
+        let e = LoadedSpec::from_str(&with("{ path: a.pth, head: 6 }"), "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.yaml") && e.contains("defaults.pretrained") && e.contains("head"),
+            "{e}"
+        );
+        let e = LoadedSpec::from_str(&with("{ path: a.pth, heads: 0 }"), "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("defaults.pretrained.heads"), "{e}");
     }
 
     #[test]

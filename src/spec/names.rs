@@ -13,8 +13,9 @@ use Availability::*;
 pub const DATASETS: &[(&str, Availability)] = &[
     ("synthetic", Implemented),
     ("cifar10", Implemented),
-    ("gtsrb", NotYet),
-    ("tinyimagenet", NotYet),
+    ("gtsrb", Implemented),
+    ("tinyimagenet", Implemented),
+    ("imagefolder", Implemented),
 ];
 
 pub const ATTACKS: &[(&str, Availability)] = &[

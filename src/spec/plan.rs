@@ -7,6 +7,9 @@
 //!          │          └─ isolate (ABL) ─ finetune(abl) ── evaluate
 //!          └─ pretrain ──────────────────┘ (f_r, f_p and ABL's model start from it)
 //!
+//! With `defaults.pretrained: FILE` an `import` step (no inputs, shared by every dataset)
+//! takes the place of `pretrain`.
+//!
 //! Two attacks read other steps. ISSBA: dataset → stegastamp (its trained encoder) →
 //! poison(issba). CAT on a base attack: dataset → poison(base) → stage1 f_p (tuned on the
 //! base attack's data with the spec's IEU settings, as the defender would) → poison(cat);
@@ -15,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 
 use super::names::{Availability, axis_availability, cat_base};
 use super::{IeuDefaults, LoadedSpec, Scale};
@@ -26,6 +29,7 @@ use crate::defences::abl::IsolateParams;
 use crate::defences::ibau::IbauParams;
 use crate::defences::{DefenceParams, FinetuneParams, ieu::Stage1Params};
 use crate::metrics::EvalParams;
+use crate::models::import::ImportParams;
 use crate::spec::BaselineRates;
 use crate::train::PretrainParams;
 
@@ -47,7 +51,11 @@ fn check_available(axis: &str, name: &str) -> Result<()> {
 /// cannot run yet are an error.
 pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
     let g = &spec.spec.grid;
-    for v in &g.dataset {
+    for v in g
+        .dataset
+        .iter()
+        .filter(|v| !spec.spec.datasets.contains_key(*v))
+    {
         check_available("dataset", v)?;
     }
     for v in &g.attack {
@@ -64,6 +72,7 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
 pub fn plan_available(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
     let mut spec = spec.clone();
     let mut skipped = Vec::new();
+    let own: Vec<String> = spec.spec.datasets.keys().cloned().collect();
     for axis in ["dataset", "attack", "defence"] {
         let list = spec.spec.grid.axis_mut(axis).unwrap();
         // Variants are available when the built-in entry they are based on is.
@@ -75,6 +84,7 @@ pub fn plan_available(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>)
                 _ => None,
             };
             axis_availability(axis, base.unwrap_or(v)) == Some(Availability::Implemented)
+                || axis == "dataset" && own.contains(v)
         };
         for v in list.iter().filter(|v| !ok(v)) {
             skipped.push(format!("{axis} {v}"));
@@ -87,6 +97,34 @@ pub fn plan_available(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>)
             );
         }
     }
+    // Built-in datasets whose files are not there are left out too (with a warning), so a
+    // report of a spec naming several datasets works with the data at hand.
+    let missing: Vec<String> = spec
+        .spec
+        .grid
+        .dataset
+        .iter()
+        .filter(|v| !own.contains(v))
+        .filter(|v| {
+            let found =
+                crate::data::Format::of(v, None).and_then(|f| crate::data::find(f, data_dir, None));
+            if let Err(e) = &found {
+                tracing::warn!("dataset {v} left out of the report: {e:#}");
+            }
+            found.is_err()
+        })
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        spec.spec.grid.dataset.retain(|v| !missing.contains(v));
+        if spec.spec.grid.dataset.is_empty() {
+            bail!(
+                "nothing to report: no dataset of {} was found (pass --data-dir)",
+                spec.origin
+            );
+        }
+        skipped.extend(missing.iter().map(|v| format!("dataset {v}")));
+    }
     let mut plan = build(&spec, scale, data_dir)?;
     plan.skipped = skipped;
     Ok(plan)
@@ -97,10 +135,19 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
     let d = &s.defaults;
     let g = &s.grid;
     let mut plan = Plan::default();
+    let imported = import_step(spec, scale)?;
     for dataset in &g.dataset {
-        let located = crate::data::locate(dataset, data_dir)?;
+        let entry = s.datasets.get(dataset);
+        let root = entry.map(|e| spec.dir.join(&e.path));
+        let format = entry.map(|e| e.format.name().to_string());
+        let located = crate::data::locate(dataset, format.as_deref(), data_dir, root.as_deref())
+            .map_err(|e| match entry {
+                Some(_) => anyhow!("{}: field `datasets.{dataset}.path`: {e}", spec.origin),
+                None => e,
+            })?;
         let dp = DatasetParams {
             name: dataset.clone(),
+            format,
             image_size: scale.image_size,
             pretrain: scale.data.pretrain,
             tune: scale.data.tune,
@@ -117,15 +164,27 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
         if let Some(root) = data_dir {
             step = step.with_locator("data_dir", root.to_path_buf());
         }
+        if let Some(root) = root {
+            step = step.with_locator("dataset_root", root);
+        }
         let data_key = plan.add(step);
 
-        let pp = PretrainParams::from_scale(scale, d.seed);
-        let pretrain_key = plan.add(Step::new(
-            Kind::Pretrain,
-            format!("pretrain {dataset}"),
-            &pp,
-            inputs(&[("dataset", &data_key)]),
-        )?);
+        let (pretrain_key, start_depth) = match &imported {
+            Some(step) => (
+                plan.add(step.clone()),
+                step.params::<ImportParams>()?.model.depth,
+            ),
+            None => {
+                let pp = PretrainParams::from_scale(scale, d.seed);
+                let key = plan.add(Step::new(
+                    Kind::Pretrain,
+                    format!("pretrain {dataset}"),
+                    &pp,
+                    inputs(&[("dataset", &data_key)]),
+                )?);
+                (key, scale.model.depth)
+            }
+        };
 
         let ctx = Ctx {
             spec,
@@ -133,6 +192,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             dataset,
             data_key: &data_key,
             pretrain_key: &pretrain_key,
+            start_depth,
         };
         for attack in &g.attack {
             let poison_key = poison_step(&mut plan, &ctx, attack)?;
@@ -268,6 +328,8 @@ struct Ctx<'a> {
     dataset: &'a str,
     data_key: &'a str,
     pretrain_key: &'a str,
+    /// Blocks of the starting checkpoint (pretrained or imported).
+    start_depth: usize,
 }
 
 /// IEU stage 1 (f_p) on an attack's poisoned data; `who` names the setting in errors.
@@ -280,12 +342,12 @@ fn stage1_step(
     poison_key: &str,
 ) -> Result<String> {
     let (scale, dataset) = (ctx.scale, ctx.dataset);
-    if ieu.fp_depth > scale.model.depth {
+    if ieu.fp_depth > ctx.start_depth {
         bail!(
-            "{}: {who}: f_p depth {} exceeds the {}-block model of this scale",
+            "{}: {who}: f_p depth {} exceeds the {}-block starting checkpoint",
             ctx.spec.origin,
             ieu.fp_depth,
-            scale.model.depth
+            ctx.start_depth
         );
     }
     let mut label = format!("stage1 f_p {dataset}/{attack}");
@@ -394,6 +456,46 @@ fn poison_step_of(
     Ok(plan.add(step))
 }
 
+/// The `import` step of `defaults.pretrained`, if the spec names a checkpoint. It has no
+/// inputs, so every dataset shares it; its key hashes the file's content digest.
+fn import_step(spec: &LoadedSpec, scale: &Scale) -> Result<Option<Step>> {
+    let Some(p) = &spec.spec.defaults.pretrained else {
+        return Ok(None);
+    };
+    let path = spec.dir.join(&p.path);
+    if !path.is_file() {
+        bail!(
+            "{}: field `defaults.pretrained`: {} does not exist",
+            spec.origin,
+            path.display()
+        );
+    }
+    let field = |e: anyhow::Error| anyhow!("{}: field `defaults.pretrained`: {e:#}", spec.origin);
+    let digest = crate::store::digest_file(&path).map_err(field)?.blake3;
+    let params = crate::models::import::plan_params(
+        &path,
+        digest,
+        p.checkpoint_key.as_deref(),
+        p.heads,
+        scale,
+        spec.spec.defaults.seed,
+    )
+    .map_err(field)?;
+    let name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Some(
+        Step::new(
+            Kind::Import,
+            format!("import {name}"),
+            &params,
+            BTreeMap::new(),
+        )?
+        .with_locator("checkpoint", path),
+    ))
+}
+
 /// A trigger file named by the spec: its path and content digest.
 fn spec_file(
     spec: &LoadedSpec,
@@ -483,4 +585,78 @@ fn attack_params(
         other => bail!("not implemented yet: attack {other}"),
     };
     Ok((p, files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dag::exec::Executor;
+    use crate::models::{Vit, VitConfig};
+
+    const SPEC: &str = "name: t\ntitle: T\ndefaults: { pretrained: ckpt.safetensors }\n\
+        grid: { dataset: [synthetic], attack: [badnets-white], defence: [none, ieu] }\n\
+        report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n";
+
+    fn write_checkpoint(path: &Path, seed: u64) {
+        // The smoke scale's width and heads, fewer blocks and a smaller image (8² → 16²).
+        let cfg = VitConfig {
+            image_size: 8,
+            patch_size: 4,
+            dim: 32,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 2,
+            num_classes: 1000,
+        };
+        let vit = Vit::new(&cfg, seed, &burn::prelude::Device::flex());
+        crate::models::timm::export(&vit, &cfg, path).unwrap();
+    }
+
+    #[test]
+    fn pretrained_checkpoint_replaces_pretrain_with_an_import_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt.safetensors");
+        write_checkpoint(&ckpt, 1);
+        let spec = LoadedSpec::from_str(SPEC, "t.yaml", dir.path().to_path_buf()).unwrap();
+        let scale = spec.scale("smoke").unwrap();
+        let p = plan(&spec, &scale, None).unwrap();
+        let kinds: Vec<Kind> = p.steps.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == Kind::Import).count(), 1);
+        assert!(!kinds.contains(&Kind::Pretrain), "{kinds:?}");
+        let import = p.steps.iter().find(|s| s.kind == Kind::Import).unwrap();
+        assert_eq!(import.label, "import ckpt.safetensors");
+        let ip: ImportParams = import.params().unwrap();
+        assert_eq!((ip.model.depth, ip.model.heads, ip.image_size), (2, 2, 16));
+
+        // Downstream steps (stage-1 truncation, finetuning with a new head) run unchanged.
+        let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
+        let summary = Executor::new(store.clone(), None, 1).run(&p).unwrap();
+        assert_eq!(summary.ran, p.steps.len());
+        assert!(
+            store
+                .object_dir(&import.key)
+                .join("model.safetensors")
+                .is_file()
+        );
+
+        // A different file is a different key; a missing file names the field.
+        write_checkpoint(&ckpt, 2);
+        let again = plan(&spec, &scale, None).unwrap();
+        assert!(!again.steps.iter().any(|s| s.key == import.key));
+        std::fs::remove_file(&ckpt).unwrap();
+        let e = plan(&spec, &scale, None).unwrap_err().to_string();
+        assert!(
+            e.contains("defaults.pretrained") && e.contains("does not exist"),
+            "{e}"
+        );
+        // f_p deeper than the imported checkpoint is caught when planning.
+        write_checkpoint(&ckpt, 1);
+        let deep = SPEC.replace(
+            "pretrained: ckpt.safetensors",
+            "pretrained: ckpt.safetensors, ieu: { fp_depth: 3 }",
+        );
+        let spec = LoadedSpec::from_str(&deep, "t.yaml", dir.path().to_path_buf()).unwrap();
+        let e = plan(&spec, &scale, None).unwrap_err().to_string();
+        assert!(e.contains("f_p depth 3 exceeds the 2-block"), "{e}");
+    }
 }
