@@ -347,6 +347,8 @@ pub struct IbauStats {
     /// outer steps of that round.
     pub adv_accuracy: Vec<f64>,
     pub outer_steps: usize,
+    /// The first this many clean test images were used (evaluation reports CA without them).
+    pub clean_test_images_used: usize,
 }
 
 /// Runs I-BAU on the backdoored model in `backdoored`; writes the unlearned model.
@@ -391,7 +393,10 @@ pub fn run(
         })
         .collect();
     let mut outer_opt = AdamConfig::new().with_epsilon(1e-8).init();
-    let mut stats = IbauStats::default();
+    let mut stats = IbauStats {
+        clean_test_images_used: n_clean,
+        ..Default::default()
+    };
     let progress = Progress::new("i-bau", (p.rounds * batches.len()) as u64);
     let dim = 3 * size * size;
     for round in 0..p.rounds {

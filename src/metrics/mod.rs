@@ -32,6 +32,10 @@ pub struct Metrics {
     pub poison_flagged: Option<f64>,
     pub clean_flagged: Option<f64>,
     pub unlearn_steps: Option<f64>,
+    /// CA on the clean test images the defence did not train on (I-BAU unlearns with the
+    /// first test images, as the paper did, so its `ca` includes images it has seen).
+    #[serde(default)]
+    pub ca_unseen: Option<f64>,
 }
 
 impl Metrics {
@@ -44,6 +48,7 @@ impl Metrics {
             "poison_flagged" => self.poison_flagged,
             "clean_flagged" => self.clean_flagged,
             "unlearn_steps" => self.unlearn_steps,
+            "ca_unseen" => self.ca_unseen,
             _ => None,
         }
     }
@@ -68,6 +73,20 @@ pub fn run_evaluate_step(
     let meta = crate::data::load_meta(dataset)?;
     let clean = ImageSet::load(&dataset.join("test.safetensors"))?;
     let triggered = ImageSet::load(&poison.join("test.safetensors"))?;
+    // Test images a defence trained on (I-BAU): CA is also reported without them.
+    let seen = std::fs::read_to_string(finetune.join("train_stats.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("clean_test_images_used")?.as_u64())
+        .or_else(|| {
+            // Models written before the statistic existed: the step's recorded parameters.
+            let m = std::fs::read_to_string(finetune.join("manifest.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&m).ok()?;
+            let d = v.get("params")?.get("defence")?;
+            (d.get("name")?.as_str()? == "ibau").then(|| d.get("clean_images")?.as_u64())?
+        })
+        .map(|n| n as usize);
+    let mut ca_unseen = None;
     let (ca, asr) = match &p.attnblock {
         None => {
             let (model, _) = crate::models::load_vit(finetune, device)?;
@@ -77,6 +96,9 @@ pub fn run_evaluate_step(
                     set,
                 )
             };
+            if let Some(n) = seen.filter(|&n| n < clean.len()) {
+                ca_unseen = Some(acc(&clean.subset(&(n..clean.len()).collect::<Vec<_>>())));
+            }
             (acc(&clean), acc(&triggered))
         }
         Some(ab) => {
@@ -99,6 +121,7 @@ pub fn run_evaluate_step(
         asr,
         n_clean: clean.len(),
         n_poisoned: triggered.len(),
+        ca_unseen,
         ..Default::default()
     };
     let stats_path = finetune.join("train_stats.json");

@@ -280,6 +280,7 @@ pub fn metric_title(m: &str) -> &'static str {
         "fnr" => "FNR",
         "poison_flagged" => "Poison",
         "clean_flagged" => "Clean",
+        "ca_unseen" => "CA (unseen)",
         _ => "Unlearn steps",
     }
 }

@@ -487,6 +487,7 @@ pub const METRICS: &[&str] = &[
     "poison_flagged",
     "clean_flagged",
     "unlearn_steps",
+    "ca_unseen",
 ];
 
 // ---------------------------------------------------------------------------------------
