@@ -442,6 +442,14 @@ fn baselines_run_at_smoke_scale_and_share_the_backdoored_model() {
             .arg(&store),
     );
     assert!(csv.contains("synthetic,badnets-white,abl,"), "{csv}");
+    // I-BAU unlearned with the first test images: CA is also given without them.
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "ca_unseen").unwrap();
+    let ibau = csv
+        .lines()
+        .find(|l| l.starts_with("synthetic,badnets-white,ibau,"))
+        .unwrap();
+    assert!(!ibau.split(',').nth(col).unwrap().is_empty(), "{csv}");
     // AttnBlock is a test-time defence on the same backdoored model: only its evaluate
     // step is new.
     let t13 = synthetic_copy("table13", dir.path());
