@@ -1300,6 +1300,25 @@ report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
     }
 
     #[test]
+    fn every_shipped_spec_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if !name.ends_with(".yaml") || name == "scales.yaml" {
+                continue;
+            }
+            let spec = LoadedSpec::load(Some(&path)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            for scale in ["smoke", "cpu", "paper"] {
+                spec.scale(scale).unwrap();
+            }
+            n += 1;
+        }
+        assert!(n >= 15, "only {n} specs found");
+    }
+
+    #[test]
     fn embedded_scales_parse() {
         for name in ["smoke", "cpu", "paper"] {
             load_scale(DEFAULT_SCALES, "scales.yaml", name).unwrap();
