@@ -723,3 +723,38 @@ fn pretrained_checkpoint_shows_as_an_import_step() {
         "{show}"
     );
 }
+
+#[test]
+fn table8_runs_other_architectures_at_smoke_scale() {
+    // Table 8 on the synthetic dataset: ResNet-18 without defence and with IEU (f_p from the
+    // ViT checkpoint, f_r from ResNet-18's), and PiT with IEU.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table8.yaml"),
+    )
+    .unwrap()
+    .replace("dataset: [cifar10]", "dataset: [synthetic]");
+    let spec = dir.path().join("table8.yaml");
+    std::fs::write(&spec, text).unwrap();
+    let out = stdout(
+        bin()
+            .arg("run")
+            .arg(&spec)
+            .args([
+                "--scale",
+                "smoke",
+                "--only",
+                "attack=badnets-white",
+                "--only",
+                "defence=none-resnet18,ieu-resnet18,ieu-pit",
+                "--store",
+            ])
+            .arg(dir.path().join("st")),
+    );
+    for d in ["none-resnet18", "ieu-resnet18", "ieu-pit"] {
+        assert!(
+            out.contains(&format!("synthetic,badnets-white,{d},")),
+            "{d} missing:\n{out}"
+        );
+    }
+}

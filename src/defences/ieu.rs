@@ -486,7 +486,7 @@ pub fn run_stage2(
 
     let ad = device.clone().autodiff();
     let (mut model, cfg) =
-        super::none::initial_robust_model(inputs.pretrain, meta.num_classes(), p.seed, device)?;
+        super::none::initial_robust_net(inputs.pretrain, meta.num_classes(), p.seed, device)?;
     let mut optim_tune = adamw();
     let mut optim_ul = adamw();
     let iters = iters_per_epoch(tune.len(), p.batch_size);
@@ -617,7 +617,7 @@ pub fn run_stage2(
         stats.loss_per_epoch.push(sum / count.max(1) as f64);
     }
     progress.finish();
-    crate::models::save_with_stats(&model.valid(), &cfg, &stats, out)
+    crate::models::save_net_with_stats(&model.valid(), &cfg, &stats, out)
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ pub fn run_evaluate_step(
     let mut ca_unseen = None;
     let (ca, asr) = match &p.attnblock {
         None => {
-            let (model, _) = crate::models::load_vit(finetune, device)?;
+            let (model, _) = crate::models::load_net(finetune, device)?;
             let acc = |set: &ImageSet| {
                 crate::train::accuracy(
                     &crate::train::predict(&model, set, &meta, p.batch_size, device),

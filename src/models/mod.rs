@@ -4,10 +4,17 @@
 //! module path (`blocks.0.attn.qkv.weight`, …) and written in sorted order, so the same
 //! weights always give the same bytes (and the same digest in the store).
 
+pub mod cait;
+pub mod deit;
 pub mod import;
+pub mod net;
+pub mod pit;
 pub mod pth;
+pub mod resnet;
 pub mod timm;
+pub mod vgg;
 pub mod vit;
+pub mod xcit;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +24,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 
+pub use net::{Arch, Classifier, Net, NetConfig, load_net, save_net, save_net_with_stats};
 pub use vit::{Vit, VitConfig};
 
 struct Collect {
@@ -199,6 +207,14 @@ pub fn load_config(path: &Path) -> Result<VitConfig> {
 
 /// Loads a ViT saved as `model.safetensors` + `config.json` in `dir`.
 pub fn load_vit(dir: &Path, device: &Device) -> Result<(Vit, VitConfig)> {
+    let arch = net::load_net_config(dir)?.arch;
+    if !arch.is_vit() {
+        bail!(
+            "{} holds a {} model; this step needs a ViT (model: vit)",
+            dir.display(),
+            arch.name()
+        );
+    }
     let cfg = load_config(&dir.join("config.json"))?;
     let vit = load_safetensors(
         Vit::new(&cfg, 0, device),

@@ -82,11 +82,33 @@ impl Init {
         }
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A constant-filled parameter (LayerScale's γ).
+    pub fn constant<const D: usize>(&mut self, shape: [usize; D], value: f32) -> Param<Tensor<D>> {
+        let n: usize = shape.iter().product();
+        Param::from_data(TensorData::new(vec![value; n], shape), &self.device)
+    }
+
     pub fn layer_norm(&mut self, dim: usize) -> LayerNorm {
         LayerNormConfig::new(dim)
             .with_epsilon(LN_EPS)
             .init(&self.device)
     }
+}
+
+/// Images [B, C, H, W] → non-overlapping p×p patches [B, N, C·p·p] (row-major patch
+/// order, channel-major within a patch, as a stride-p convolution's weight).
+pub fn patchify(x: Tensor<4>, p: usize) -> Tensor<3> {
+    let [b, c, h, w] = x.dims();
+    let (gh, gw) = (h / p, w / p);
+    x.reshape([b * c * gh, p, gw, p])
+        .swap_dims(1, 2) // [b·c·gh, gw, p, p]
+        .reshape([b, c, gh * gw, p * p])
+        .swap_dims(1, 2) // [b, N, c, p·p]
+        .reshape([b, gh * gw, c * p * p])
 }
 
 #[derive(Module, Debug)]
@@ -97,6 +119,14 @@ pub struct Attention {
 }
 
 impl Attention {
+    pub fn new(dim: usize, heads: usize, init: &mut Init) -> Self {
+        Self {
+            qkv: init.linear(dim, 3 * dim),
+            proj: init.linear(dim, dim),
+            heads,
+        }
+    }
+
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.forward_probed(x, None)
     }
@@ -132,6 +162,19 @@ pub struct Mlp {
     pub fc2: Linear,
 }
 
+impl Mlp {
+    pub fn new(dim: usize, hidden: usize, init: &mut Init) -> Self {
+        Self {
+            fc1: init.linear(dim, hidden),
+            fc2: init.linear(hidden, dim),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Block {
     pub norm1: LayerNorm,
@@ -141,7 +184,7 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(dim: usize, heads: usize, mlp_ratio: usize, init: &mut Init) -> Self {
+    pub fn new(dim: usize, heads: usize, mlp_ratio: usize, init: &mut Init) -> Self {
         Self {
             norm1: init.layer_norm(dim),
             attn: Attention {
@@ -244,14 +287,7 @@ impl Vit {
 
     /// Images [B, 3, H, W] (normalised) → patch tokens [B, N, 3·p·p].
     fn patchify(&self, x: Tensor<4>) -> Tensor<3> {
-        let [b, c, h, w] = x.dims();
-        let p = self.patch_size;
-        let (gh, gw) = (h / p, w / p);
-        x.reshape([b * c * gh, p, gw, p])
-            .swap_dims(1, 2) // [b·c·gh, gw, p, p]
-            .reshape([b, c, gh * gw, p * p])
-            .swap_dims(1, 2) // [b, N, c, p·p]
-            .reshape([b, gh * gw, c * p * p])
+        patchify(x, self.patch_size)
     }
 
     /// Token features after the final norm: [B, N+1, d].

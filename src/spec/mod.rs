@@ -296,6 +296,10 @@ pub struct Variant {
     /// AttnBlock settings that differ from `defaults.attnblock`.
     #[serde(default)]
     pub attnblock: serde_yaml_ng::Value,
+    /// f_r's architecture for this entry (`defaults.model` otherwise); `none` and `ieu`
+    /// variants only (Table 8). f_p stays the first block(s) of the ViT checkpoint.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 impl Variant {
@@ -413,6 +417,17 @@ impl Spec {
             .get(attack)
             .map(|v| v.base.as_str())
             .unwrap_or(attack)
+    }
+
+    /// f_r's architecture for a grid defence entry: the variant's `model`, else
+    /// `defaults.model` (both validated when the spec is loaded).
+    pub fn model_of(&self, defence: &str) -> crate::models::Arch {
+        let name = self
+            .variants
+            .get(defence)
+            .and_then(|v| v.model.as_deref())
+            .unwrap_or(&self.defaults.model);
+        crate::models::Arch::parse(name).unwrap_or_default()
     }
 
     /// The built-in defence behind a grid entry.
@@ -780,12 +795,8 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             bail!("{file}: field `defaults.pretrained.heads`: must be at least 1");
         }
     }
-    if d.model != "vit" {
-        bail!(
-            "{file}: field `defaults.model`: unknown model '{}' (known: vit)",
-            d.model
-        );
-    }
+    crate::models::Arch::parse(&d.model)
+        .map_err(|e| anyhow!("{file}: field `defaults.model`: {e}"))?;
     let b = &d.attacks.blended;
     if !(b.alpha > 0.0 && b.alpha <= 1.0) {
         bail!(
@@ -946,10 +957,30 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
                 "{file}: field `variants.{name}`: a variant cannot reuse the built-in defence name '{name}'"
             );
         }
+        if let Some(m) = &v.model {
+            crate::models::Arch::parse(m)
+                .map_err(|e| anyhow!("{file}: field `variants.{name}.model`: {e}"))?;
+            if !["none", "ieu"].contains(&v.base.as_str()) {
+                bail!(
+                    "{file}: field `variants.{name}.model`: only none and ieu variants can change f_r's architecture ({} runs on the ViT)",
+                    v.base
+                );
+            }
+        }
+        if v.base == "none" && v.model.is_some() {
+            for other in ["ieu", "abl", "ibau", "attnblock"] {
+                if !v.overrides(other).is_null() {
+                    bail!(
+                        "{file}: field `variants.{name}.{other}`: a variant based on none cannot set {other} settings"
+                    );
+                }
+            }
+            continue;
+        }
         const TUNABLE: [&str; 4] = ["ieu", "abl", "ibau", "attnblock"];
         if !TUNABLE.contains(&v.base.as_str()) {
             bail!(
-                "{file}: field `variants.{name}.base`: '{}' has no settings to vary (known: {})",
+                "{file}: field `variants.{name}.base`: '{}' has no settings to vary (known: {}; or none with `model:`)",
                 v.base,
                 TUNABLE.join(", ")
             );
@@ -981,6 +1012,17 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
                 .map_err(wrap)?
                 .validate()
                 .map_err(|e| anyhow!("{file}: field `{at}`: {e}"))?,
+        }
+    }
+    if d.model != "vit" {
+        for v in &spec.grid.defence {
+            let base = spec.defence_base(v);
+            if ["abl", "ibau", "attnblock"].contains(&base) {
+                bail!(
+                    "{file}: field `defaults.model`: defence {v} ({base}) runs on the ViT only, not on {} (give the architecture to none/ieu variants with `model:` instead)",
+                    d.model
+                );
+            }
         }
     }
     validate_ieu(&d.ieu, file, "defaults.ieu")?;

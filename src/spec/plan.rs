@@ -29,6 +29,7 @@ use crate::defences::abl::IsolateParams;
 use crate::defences::ibau::IbauParams;
 use crate::defences::{DefenceParams, FinetuneParams, ieu::Stage1Params};
 use crate::metrics::EvalParams;
+use crate::models::Arch;
 use crate::models::import::ImportParams;
 use crate::spec::BaselineRates;
 use crate::train::PretrainParams;
@@ -186,6 +187,29 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             }
         };
 
+        // f_r's pretrained checkpoint of each other architecture (Table 8), made on first
+        // use; the ViT's is `pretrain_key` (and f_p always starts from it).
+        let mut arch_pretrain: BTreeMap<Arch, String> = BTreeMap::new();
+        let mut pretrain_of = |plan: &mut Plan, arch: Arch| -> Result<String> {
+            if arch.is_vit() {
+                return Ok(pretrain_key.clone());
+            }
+            if let Some(k) = arch_pretrain.get(&arch) {
+                return Ok(k.clone());
+            }
+            let pp = PretrainParams {
+                arch,
+                ..PretrainParams::from_scale(scale, d.seed)
+            };
+            let key = plan.add(Step::new(
+                Kind::Pretrain,
+                format!("pretrain {dataset} {}", arch.name()),
+                &pp,
+                inputs(&[("dataset", &data_key)]),
+            )?);
+            arch_pretrain.insert(arch, key.clone());
+            Ok(key)
+        };
         let ctx = Ctx {
             spec,
             scale,
@@ -219,8 +243,16 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                     batch_size: scale.eval_batch_size,
                     attnblock: None,
                 };
+                let arch = s.model_of(defence);
+                let fr_pretrain = pretrain_of(&mut plan, arch)?;
                 let ft_key = match s.defence_base(defence) {
-                    "none" => plan.add(none_ft.clone()),
+                    "none" if arch.is_vit() => plan.add(none_ft.clone()),
+                    "none" => plan.add(Step::new(
+                        Kind::Finetune,
+                        format!("finetune {dataset}/{attack}/{defence}"),
+                        &FinetuneParams::from_scale(scale, DefenceParams::None, d.seed),
+                        inputs(&[("poison", &poison_key), ("pretrain", &fr_pretrain)]),
+                    )?),
                     "ieu" => {
                         let ieu = s.ieu_settings(defence)?;
                         let fp_key = stage1_step(
@@ -238,7 +270,17 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                             unlearn_rate: ieu.unlearn_rate.clone(),
                             gate_noise_std: ieu.gate_noise_std,
                         };
-                        plan.add(defended(defence, dp, ("stage1", &fp_key))?)
+                        // f_p comes from the ViT checkpoint; f_r from its architecture's.
+                        plan.add(Step::new(
+                            Kind::Finetune,
+                            format!("finetune {dataset}/{attack}/{defence}"),
+                            &FinetuneParams::from_scale(scale, dp, d.seed),
+                            inputs(&[
+                                ("poison", &poison_key),
+                                ("pretrain", &fr_pretrain),
+                                ("stage1", &fp_key),
+                            ]),
+                        )?)
                     }
                     "abl" => {
                         let abl = s.abl_settings(defence)?;
@@ -610,6 +652,125 @@ mod tests {
         };
         let vit = Vit::new(&cfg, seed, &burn::prelude::Device::flex());
         crate::models::timm::export(&vit, &cfg, path).unwrap();
+    }
+
+    /// The default spec's step keys at the smoke scale, as planned before f_r could be
+    /// another architecture (Table 8): the default `vit` must keep every key.
+    #[test]
+    fn the_default_spec_keeps_its_step_keys() {
+        let spec = LoadedSpec::from_str(
+            crate::spec::DEFAULT_SPEC,
+            "default.yaml",
+            tempfile::tempdir().unwrap().path().to_path_buf(),
+        )
+        .unwrap();
+        let scale = spec.scale("smoke").unwrap();
+        let p = plan(&spec, &scale, None).unwrap();
+        let keys: Vec<(String, String)> = p
+            .steps
+            .iter()
+            .map(|s| (s.label.clone(), s.key[..12].to_string()))
+            .collect();
+        let want = [
+            ("dataset synthetic", "fa0c6ef4cbe9"),
+            ("pretrain synthetic", "297f03499933"),
+            ("poison synthetic/badnets-white", "64d4fe6159d3"),
+            ("finetune synthetic/badnets-white/none", "c31843643075"),
+            ("evaluate synthetic/badnets-white/none", "f1f9e8360325"),
+            ("stage1 f_p synthetic/badnets-white", "4b74f3a4a577"),
+            ("finetune synthetic/badnets-white/ieu", "8250b2d45a4a"),
+            ("evaluate synthetic/badnets-white/ieu", "48129ff63042"),
+            ("poison synthetic/blended", "dbd7843909c6"),
+            ("finetune synthetic/blended/none", "391d886f5b8f"),
+            ("evaluate synthetic/blended/none", "16966799b564"),
+            ("stage1 f_p synthetic/blended", "df911ba72731"),
+            ("finetune synthetic/blended/ieu", "24d248d3d1ef"),
+            ("evaluate synthetic/blended/ieu", "a617a85abb92"),
+        ];
+        for (label, key) in want {
+            assert!(
+                keys.contains(&(label.to_string(), key.to_string())),
+                "{label} {key} not in {keys:?}"
+            );
+        }
+        assert_eq!(keys.len(), want.len());
+    }
+
+    #[test]
+    fn other_architectures_get_their_own_pretrain_and_f_p_stays_the_vit() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table8.yaml"),
+        )
+        .unwrap()
+        .replace("dataset: [cifar10]", "dataset: [synthetic]");
+        let spec = LoadedSpec::from_str(
+            &text,
+            "table8.yaml",
+            tempfile::tempdir().unwrap().path().to_path_buf(),
+        )
+        .unwrap();
+        let scale = spec.scale("smoke").unwrap();
+        let p = plan(&spec, &scale, None).unwrap();
+        let by_label = |l: &str| {
+            p.steps
+                .iter()
+                .find(|s| s.label == l)
+                .unwrap_or_else(|| panic!("no step {l}"))
+        };
+        let vit_pre = by_label("pretrain synthetic").key.clone();
+        let res_pre = by_label("pretrain synthetic resnet18");
+        assert_eq!(res_pre.params["arch"], "resnet18");
+        assert!(by_label("pretrain synthetic").params.get("arch").is_none());
+        let pretrains = p.steps.iter().filter(|s| s.kind == Kind::Pretrain).count();
+        assert_eq!(pretrains, 7);
+        let ieu = by_label("finetune synthetic/batt/ieu-resnet18");
+        assert_eq!(ieu.inputs["pretrain"], res_pre.key);
+        let fp = &ieu.inputs["stage1"];
+        let stage1 = p.steps.iter().find(|s| &s.key == fp).unwrap();
+        assert_eq!(stage1.inputs["pretrain"], vit_pre);
+        // Every IEU variant shares the ViT f_p of its attack.
+        assert_eq!(
+            by_label("finetune synthetic/batt/ieu").inputs["stage1"],
+            *fp
+        );
+        let none = by_label("finetune synthetic/batt/none-vgg11");
+        assert_ne!(none.inputs["pretrain"], vit_pre);
+        assert_eq!(p.cells.len(), 5 * 14);
+    }
+
+    #[test]
+    fn architecture_names_and_their_defences_are_checked() {
+        let base = "name: t\ntitle: T\ngrid: { dataset: [synthetic], attack: [badnets-white], defence: [DEF] }\n\
+            report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n";
+        let load = |extra: &str, def: &str| {
+            LoadedSpec::from_str(
+                &format!("{extra}{}", base.replace("DEF", def)),
+                "t.yaml",
+                std::env::temp_dir(),
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+        };
+        let e = load(
+            "variants: { ieu-x: { base: ieu, model: wrn50 } }\n",
+            "ieu-x",
+        );
+        assert!(
+            e.contains("t.yaml") && e.contains("variants.ieu-x.model") && e.contains("resnet18"),
+            "{e}"
+        );
+        let e = load(
+            "variants: { abl-x: { base: abl, model: vgg11 } }\n",
+            "abl-x",
+        );
+        assert!(e.contains("variants.abl-x.model"), "{e}");
+        let e = load("defaults: { model: resnet }\n", "none");
+        assert!(e.contains("defaults.model"), "{e}");
+        let e = load("defaults: { model: resnet18 }\n", "abl");
+        assert!(e.contains("defaults.model") && e.contains("abl"), "{e}");
+        let e = load("variants: { none-x: { base: none } }\n", "none-x");
+        assert!(e.contains("variants.none-x.base"), "{e}");
     }
 
     #[test]

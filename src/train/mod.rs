@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DatasetMeta, ImageSet, augment};
-use crate::models::{Vit, VitConfig};
+use crate::models::{Arch, Classifier, Net, NetConfig, VitConfig};
 use crate::progress::Progress;
 use crate::spec::{ModelDims, Scale};
 
@@ -270,13 +270,13 @@ pub struct Supervised<'a> {
 /// Mean training loss per epoch.
 pub type LossLog = Vec<f64>;
 
-pub fn train_supervised(
-    mut model: Vit,
+pub fn train_supervised<M: Classifier>(
+    mut model: M,
     set: &ImageSet,
     meta: &DatasetMeta,
     cfg: &Supervised,
     device: &Device,
-) -> Result<(Vit, LossLog)> {
+) -> Result<(M, LossLog)> {
     let mut optim = adamw();
     let iters = iters_per_epoch(set.len(), cfg.batch_size);
     let progress = Progress::new(cfg.label, (cfg.epochs * iters) as u64);
@@ -328,8 +328,8 @@ pub fn train_supervised(
 }
 
 /// Argmax class and max softmax probability of every image (unaugmented), in order.
-pub fn predict(
-    model: &Vit,
+pub fn predict<M: Classifier>(
+    model: &M,
     set: &ImageSet,
     meta: &DatasetMeta,
     batch: usize,
@@ -373,6 +373,9 @@ pub fn accuracy(pred: &[(usize, f32)], set: &ImageSet) -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PretrainParams {
     pub model: ModelDims,
+    /// The architecture (Table 8); the ViT by default, left out of the key.
+    #[serde(default, skip_serializing_if = "Arch::is_vit")]
+    pub arch: Arch,
     pub view: View,
     pub image_size: usize,
     pub epochs: usize,
@@ -388,6 +391,7 @@ impl PretrainParams {
     pub fn from_scale(s: &Scale, seed: u64) -> Self {
         Self {
             model: s.model.clone(),
+            arch: Arch::Vit,
             view: s.pretrain.view,
             image_size: s.image_size,
             epochs: s.pretrain.epochs,
@@ -426,9 +430,9 @@ pub fn run_pretrain_step(
     if set.is_empty() {
         bail!("the pretrain split is empty: set data.pretrain in the scale");
     }
-    let cfg = p.vit_config(meta.num_classes());
+    let cfg = NetConfig::new(p.arch, p.vit_config(meta.num_classes()));
     let ad = device.clone().autodiff();
-    let model = Vit::new(&cfg, p.seed, &ad);
+    let model = Net::new(&cfg, p.seed, &ad);
     let iters = iters_per_epoch(set.len(), p.batch_size);
     let lr = cosine_schedule(p.lr, p.min_lr, p.epochs, iters, p.warmup_epochs, 0.0);
     let wd = vec![p.weight_decay; lr.len()];
@@ -445,7 +449,7 @@ pub fn run_pretrain_step(
     let (model, log) = train_supervised(model, &set, &meta, &sup, &ad)?;
     let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
     let acc = accuracy(&predict(&model, &test, &meta, 256, device), &test);
-    crate::models::save_vit(&model.valid(), &cfg, out)?;
+    crate::models::save_net(&model.valid(), &cfg, out)?;
     let info = serde_json::json!({ "loss_per_epoch": log, "clean_test_accuracy": acc });
     crate::store::write_synced(
         &out.join("train_log.json"),
@@ -513,7 +517,7 @@ mod tests {
             mlp_ratio: 2,
             num_classes: 10,
         };
-        let model = Vit::new(&cfg, 3, &ad);
+        let model = crate::models::Vit::new(&cfg, 3, &ad);
         let iters = iters_per_epoch(512, 32);
         let epochs = 12;
         let lr = cosine_schedule(3e-3, 1e-4, epochs, iters, 1, 0.0);
@@ -549,6 +553,7 @@ mod tests {
             mlp_ratio: 2,
             num_classes: 3,
         };
+        use crate::models::Vit;
         let a = crate::models::named_params(&Vit::new(&cfg, 5, &device));
         let b = crate::models::named_params(&Vit::new(&cfg, 5, &device));
         let c = crate::models::named_params(&Vit::new(&cfg, 6, &device));
