@@ -357,6 +357,43 @@ mod tests {
         assert!(Arch::parse("wrn").unwrap_err().contains("resnet18"));
     }
 
+    /// At the `paper` scale's dimensions every architecture has its published size
+    /// (parameters, with a 10-class head; timm's counts less their 1000-class heads).
+    #[test]
+    fn paper_sizes_match_the_published_models() {
+        let device = Device::flex();
+        let paper = VitConfig {
+            image_size: 224,
+            patch_size: 16,
+            dim: 384,
+            depth: 12,
+            heads: 6,
+            mlp_ratio: 4,
+            num_classes: 10,
+        };
+        for (arch, millions) in [
+            (Arch::Vit, 22.0),
+            (Arch::Deit, 21.7),
+            (Arch::Cait, 11.8),
+            (Arch::Pit, 10.2),
+            (Arch::Xcit, 6.5),
+            (Arch::Resnet18, 11.2),
+            (Arch::Vgg11, 9.2),
+        ] {
+            let net = Net::new(&NetConfig::new(arch, paper.clone()), 0, &device);
+            let n: usize = crate::models::named_params(&net)
+                .values()
+                .map(|(shape, _)| shape.iter().product::<usize>())
+                .sum();
+            let m = n as f64 / 1e6;
+            eprintln!("{arch:?}: {m:.2}M parameters");
+            assert!(
+                (m - millions).abs() < 0.1 * millions,
+                "{arch:?}: {m:.2}M parameters, expected about {millions}M"
+            );
+        }
+    }
+
     #[test]
     fn save_load_round_trip_gives_identical_logits() {
         let device = Device::flex();
