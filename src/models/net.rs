@@ -75,6 +75,19 @@ impl Arch {
         ARCHS.iter().find(|(a, _)| *a == self).unwrap().1
     }
 
+    /// Whether this architecture can be built at an image and patch size.
+    pub fn check(self, image_size: usize, patch_size: usize) -> Result<(), String> {
+        match self {
+            Arch::Xcit if !patch_size.is_power_of_two() || patch_size < 2 => Err(format!(
+                "xcit embeds patches with stride-2 convolutions: patch size {patch_size} must be a power of two"
+            )),
+            Arch::Pit if patch_size < 2 || patch_size > image_size => Err(format!(
+                "pit needs a patch size in 2..={image_size}, not {patch_size}"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn parse(name: &str) -> Result<Self, String> {
         ARCHS
             .iter()

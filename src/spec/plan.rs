@@ -244,6 +244,8 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                     attnblock: None,
                 };
                 let arch = s.model_of(defence);
+                arch.check(scale.image_size, scale.model.patch_size)
+                    .map_err(|e| anyhow!("{}: defence {defence}: {e}", spec.origin))?;
                 let fr_pretrain = pretrain_of(&mut plan, arch)?;
                 let ft_key = match s.defence_base(defence) {
                     "none" if arch.is_vit() => plan.add(none_ft.clone()),
