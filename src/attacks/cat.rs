@@ -407,10 +407,7 @@ pub fn run_cat_poison(
     let attacker = Attacker::new(fp, &base.tune, &base.indices, &meta, p.target, c.gamma);
     let (res, stats) = perturb(&attacker, c, &base)?;
     super::write_poisoned(&res, out)?;
-    crate::store::write_synced(
-        &out.join("cat_stats.json"),
-        serde_json::to_string_pretty(&stats)?.as_bytes(),
-    )?;
+    crate::store::write_json(&out.join("cat_stats.json"), &stats)?;
     Ok(stats)
 }
 

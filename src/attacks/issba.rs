@@ -469,14 +469,8 @@ pub fn run_stegastamp_step(
     let (model, log) = train(p, &train_set, device)?;
     let st = stats(&model, p, &train_set, &test, log, device);
     crate::models::save_safetensors(&model, &out.join("model.safetensors"))?;
-    crate::store::write_synced(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(p)?.as_bytes(),
-    )?;
-    crate::store::write_synced(
-        &out.join("stats.json"),
-        serde_json::to_string_pretty(&st)?.as_bytes(),
-    )?;
+    crate::store::write_json(&out.join("config.json"), p)?;
+    crate::store::write_json(&out.join("stats.json"), &st)?;
     Ok(st)
 }
 

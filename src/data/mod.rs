@@ -386,10 +386,7 @@ pub fn run_dataset_step(
         tune: tune.len(),
         test: test.len(),
     };
-    crate::store::write_synced(
-        &out.join("meta.json"),
-        serde_json::to_string_pretty(&meta)?.as_bytes(),
-    )?;
+    crate::store::write_json(&out.join("meta.json"), &meta)?;
     Ok(meta)
 }
 

@@ -176,10 +176,7 @@ pub fn run_isolate_step(
         gate: gate.clone(),
         loss_per_epoch: log,
     };
-    crate::store::write_synced(
-        &out.join("isolation.json"),
-        serde_json::to_string_pretty(&iso)?.as_bytes(),
-    )?;
+    crate::store::write_json(&out.join("isolation.json"), &iso)?;
     Ok(gate)
 }
 

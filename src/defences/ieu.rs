@@ -327,10 +327,7 @@ pub fn run_stage1_step(
     let (fp, log) = train_supervised(fp, &tune, &meta, &sup, &ad)?;
     crate::models::save_vit(&fp.valid(), &cfg, out)?;
     let info = serde_json::json!({ "loss_per_epoch": log });
-    crate::store::write_synced(
-        &out.join("train_log.json"),
-        serde_json::to_string_pretty(&info)?.as_bytes(),
-    )
+    crate::store::write_json(&out.join("train_log.json"), &info)
 }
 
 /// Eq. 3's factor on lr_tune: 1 for the first unlearned batch of an epoch (k = 0), else

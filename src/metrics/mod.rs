@@ -140,9 +140,6 @@ pub fn run_evaluate_step(
             m.unlearn_steps = s.unlearn_steps.map(|n| n as f64);
         }
     }
-    crate::store::write_synced(
-        &out.join("metrics.json"),
-        serde_json::to_string_pretty(&m)?.as_bytes(),
-    )?;
+    crate::store::write_json(&out.join("metrics.json"), &m)?;
     Ok(m)
 }

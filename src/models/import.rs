@@ -457,10 +457,7 @@ pub fn run_import_step(
         "blake3": digest,
         "note": note,
     });
-    crate::store::write_synced(
-        &out.join("import.json"),
-        serde_json::to_string_pretty(&info)?.as_bytes(),
-    )?;
+    crate::store::write_json(&out.join("import.json"), &info)?;
     Ok(note)
 }
 

@@ -196,7 +196,7 @@ pub fn load_named<M: Module>(m: M, tensors: Named, device: &Device, origin: &str
 }
 
 pub fn save_config(cfg: &VitConfig, path: &Path) -> Result<()> {
-    crate::store::write_synced(path, serde_json::to_string_pretty(cfg)?.as_bytes())
+    crate::store::write_json(path, cfg)
 }
 
 pub fn load_config(path: &Path) -> Result<VitConfig> {
@@ -232,10 +232,7 @@ pub fn save_with_stats<S: serde::Serialize>(
     dir: &Path,
 ) -> Result<()> {
     save_vit(vit, cfg, dir)?;
-    crate::store::write_synced(
-        &dir.join("train_stats.json"),
-        serde_json::to_string_pretty(stats)?.as_bytes(),
-    )
+    crate::store::write_json(&dir.join("train_stats.json"), stats)
 }
 
 pub fn save_vit(vit: &Vit, cfg: &VitConfig, dir: &Path) -> Result<()> {

@@ -218,10 +218,7 @@ impl Net {
 /// Writes `model.safetensors` (the inner model's parameters, named as in a standalone
 /// model) and `config.json`.
 pub fn save_net(net: &Net, cfg: &NetConfig, dir: &Path) -> Result<()> {
-    crate::store::write_synced(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(cfg)?.as_bytes(),
-    )?;
+    crate::store::write_json(&dir.join("config.json"), cfg)?;
     let path = dir.join("model.safetensors");
     match net {
         Net::Vit(m) => super::save_safetensors(m, &path),
@@ -242,10 +239,7 @@ pub fn save_net_with_stats<S: Serialize>(
     dir: &Path,
 ) -> Result<()> {
     save_net(net, cfg, dir)?;
-    crate::store::write_synced(
-        &dir.join("train_stats.json"),
-        serde_json::to_string_pretty(stats)?.as_bytes(),
-    )
+    crate::store::write_json(&dir.join("train_stats.json"), stats)
 }
 
 pub fn load_net_config(dir: &Path) -> Result<NetConfig> {

@@ -211,6 +211,11 @@ fn digest_dir(dir: &Path) -> Result<BTreeMap<String, OutputDigest>> {
 }
 
 /// Writes a file and fsyncs it.
+/// Writes `value` as pretty JSON with [`write_synced`].
+pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    write_synced(path, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(bytes)?;

@@ -451,10 +451,7 @@ pub fn run_pretrain_step(
     let acc = accuracy(&predict(&model, &test, &meta, 256, device), &test);
     crate::models::save_net(&model.valid(), &cfg, out)?;
     let info = serde_json::json!({ "loss_per_epoch": log, "clean_test_accuracy": acc });
-    crate::store::write_synced(
-        &out.join("train_log.json"),
-        serde_json::to_string_pretty(&info)?.as_bytes(),
-    )?;
+    crate::store::write_json(&out.join("train_log.json"), &info)?;
     Ok(acc)
 }
 
