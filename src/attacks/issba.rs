@@ -12,11 +12,11 @@
 //! trains on CIFAR's train+test images). Ours is small enough for a CPU:
 //! - encoder: the secret (±1) → Linear → one H×W plane, concatenated with the image − 0.5,
 //!   three 3×3 convolutions (ReLU) and a 1×1 convolution to 3 channels; the residual is
-//!   ε·tanh(·), so ‖r‖∞ ≤ ε (default ε = 8/255; the reference's U-Net is unbounded and kept
-//!   small by its losses);
+//!   ε·tanh(·), so ‖r‖∞ ≤ ε (default ε = 16/255; the reference's U-Net is unbounded and
+//!   kept small by its losses);
 //! - decoder: two stride-2 3×3 convolutions (ReLU) and a linear map to the secret's logits;
-//! - loss: BCE(decoder(clip(x + r)), s) + λ·mean(r²) (λ = `l2_weight`, default 2, the
-//!   reference's weight on its L2 term; its LPIPS and discriminator terms are left out),
+//! - loss: BCE(decoder(clip(x + r)), s) + λ·mean(r²) (λ = `l2_weight`, default 0.1; the
+//!   reference weighs its L2 term by 2 next to LPIPS and a discriminator, left out here),
 //!   random secrets per image, AdamW as everywhere else in this crate; over the first half
 //!   of the epochs the loss is the BCE alone (the reference: its first 2 of 20 epochs) and
 //!   the bound falls from 8ε to ε ([`train_eps`]); training sizes
@@ -57,6 +57,12 @@ pub const STEGASTAMP_VERSION: u32 = 1;
 pub const REFERENCE_SECRET: [u8; 20] = [1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0, 1];
 
 /// Spec-level ISSBA settings (`defaults.attacks.issba`).
+///
+/// The defaults were measured at cpu scale on CIFAR-10 (README, "Measured"): with the
+/// reference's λ = 2 (and ε = 8/255 or 16/255) our encoder hides the secret at PSNR ≈ 31 dB
+/// and the 4-block ViT does not learn it (no-defence ASR 7.99% / 7.60%); with λ = 0.1 and
+/// ε = 16/255 the residual sits at PSNR 25.0 dB and the ASR is 99.61%. The reference's own
+/// CIFAR residuals are unconstrained by an ℓ∞ bound.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Issba {
@@ -72,8 +78,8 @@ impl Default for Issba {
     fn default() -> Self {
         Self {
             secret_len: 20,
-            eps: 8.0 / 255.0,
-            l2_weight: 2.0,
+            eps: 16.0 / 255.0,
+            l2_weight: 0.1,
         }
     }
 }
@@ -599,7 +605,12 @@ mod tests {
             st.linf_max,
             p.eps
         );
-        assert!(st.psnr_mean.is_finite() && st.psnr_mean > 25.0, "{st:?}");
+        // ‖r‖∞ ≤ ε (plus 8-bit rounding) bounds the RMS, so PSNR ≥ 20·log10(1/ε').
+        let floor = -20.0 * (p.eps + 0.5 / 255.0).log10();
+        assert!(
+            st.psnr_mean.is_finite() && st.psnr_mean >= floor,
+            "PSNR below {floor}: {st:?}"
+        );
 
         // The poison step on the trained encoder.
         let (model, sp) = load(&out, &device).unwrap();

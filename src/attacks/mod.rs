@@ -57,6 +57,7 @@ pub enum AttackParams {
     },
     L2Inv {
         l2_norm: f64,
+        recipe: invisible_l2::Recipe,
         trigger_digest: Option<String>,
     },
     Smooth {
@@ -200,10 +201,11 @@ pub fn build(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trig
         }
         AttackParams::L2Inv {
             l2_norm,
+            recipe,
             trigger_digest,
         } => {
             let file = file_if(trigger_digest, &files.trigger, "trigger")?;
-            invisible_l2::trigger(size, *l2_norm, seed, file.as_deref())?
+            invisible_l2::trigger(size, *l2_norm, *recipe, seed, file.as_deref())?
         }
         AttackParams::Smooth {
             max,

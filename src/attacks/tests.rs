@@ -31,6 +31,7 @@ fn all_attacks() -> Vec<AttackParams> {
         },
         AttackParams::L2Inv {
             l2_norm: 3.0,
+            recipe: invisible_l2::Recipe::Field,
             trigger_digest: None,
         },
         AttackParams::Smooth {
@@ -209,6 +210,7 @@ fn invisible_attacks_stay_within_their_bounds() {
             &params(
                 AttackParams::L2Inv {
                     l2_norm: 3.0,
+                    recipe: invisible_l2::Recipe::Field,
                     trigger_digest: None,
                 },
                 2,
@@ -303,6 +305,7 @@ fn trigger_files_are_honoured() {
             &params(
                 AttackParams::L2Inv {
                     l2_norm: 3.0,
+                    recipe: invisible_l2::Recipe::Field,
                     trigger_digest: d
                 },
                 0

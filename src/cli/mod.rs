@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::dag::exec::Executor;
@@ -248,13 +248,15 @@ pub fn main(cli: Cli) -> Result<()> {
                 );
             }
             let device = burn::prelude::Device::flex();
-            let (vit, cfg) = crate::models::load_vit(&dir, &device)?;
-            crate::models::timm::export(&vit, &cfg, &out)?;
+            let (net, cfg) = crate::models::net::load_net(&dir, &device)?;
+            crate::models::timm::export_net(&net, &cfg, &out)
+                .with_context(|| format!("cannot export step {key}"))?;
             println!(
-                "wrote {} (timm ViT layout, {} blocks, {} classes)",
+                "wrote {} (timm {} layout, {} blocks, {} classes)",
                 out.display(),
-                cfg.depth,
-                cfg.num_classes
+                cfg.arch.name(),
+                cfg.vit.depth,
+                cfg.vit.num_classes
             );
             Ok(())
         }

@@ -7,6 +7,11 @@
 //! `norm2`, `mlp.fc1`, `mlp.fc2`, `norm.weight|bias`; Linear weights are `[out, in]`
 //! (PyTorch), transposed from Burn's `[in, out]`. The SiT head ([CLS, mean] → fc1 → GELU →
 //! fc2) has no timm counterpart and is written as `head.fc1.*`, `head.fc2.*`.
+//!
+//! DeiT III (`model: deit`) is timm's `deit3_*` layout: the same names plus LayerScale
+//! `blocks.{i}.ls1.gamma` / `ls2.gamma`, a `pos_embed` over the patch tokens only
+//! (`no_embed_class`), and a plain `head.weight|bias`. The other architectures have no timm
+//! export here; their stored `model.safetensors` holds them under ieu-bench's names.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,6 +19,10 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 
+use burn::module::Module;
+
+use super::deit::Deit;
+use super::net::{Net, NetConfig};
 use super::{Named, Vit, VitConfig, f32_values, named_params, write_named};
 
 fn transpose(shape: &[usize], v: &[f32]) -> (Vec<usize>, Vec<f32>) {
@@ -29,6 +38,12 @@ fn transpose(shape: &[usize], v: &[f32]) -> (Vec<usize>, Vec<f32>) {
 
 /// Burn name → timm name, and whether the tensor is a Linear weight (to transpose).
 fn timm_name(burn: &str) -> (String, bool) {
+    // DeiT III's LayerScale γ (ours: `gamma_1`, `gamma_2`) is timm's `ls1.gamma`, `ls2.gamma`.
+    for (ours, theirs) in [(".gamma_1", ".ls1.gamma"), (".gamma_2", ".ls2.gamma")] {
+        if let Some(stem) = burn.strip_suffix(ours) {
+            return (format!("{stem}{theirs}"), false);
+        }
+    }
     let mut n = burn.replace(".gamma", ".weight").replace(".beta", ".bias");
     if n.starts_with("patch_embed.") {
         n = n.replace("patch_embed.", "patch_embed.proj.");
@@ -40,13 +55,19 @@ fn timm_name(burn: &str) -> (String, bool) {
 
 /// The model's parameters under timm names and layouts.
 pub fn to_timm(vit: &Vit, cfg: &VitConfig) -> Named {
+    to_timm_named(vit, cfg.dim, cfg.patch_size)
+}
+
+/// A ViT-family module's parameters under timm names; `dim` and `patch` shape the patch
+/// projection's convolution kernel.
+fn to_timm_named<M: Module>(m: &M, dim: usize, patch: usize) -> Named {
     let mut out = BTreeMap::new();
-    for (name, (shape, v)) in named_params(vit) {
+    for (name, (shape, v)) in named_params(m) {
         let (tname, lin) = timm_name(&name);
         let entry = if name == "patch_embed.weight" {
             // [3·p·p, d] → [d, 3, p, p]
             let (_, t) = transpose(&shape, &v);
-            (vec![cfg.dim, 3, cfg.patch_size, cfg.patch_size], t)
+            (vec![dim, 3, patch, patch], t)
         } else if lin {
             transpose(&shape, &v)
         } else {
@@ -55,6 +76,43 @@ pub fn to_timm(vit: &Vit, cfg: &VitConfig) -> Named {
         out.insert(tname, entry);
     }
     out
+}
+
+/// Writes any stored model that has a timm layout (ViT, DeiT III); other architectures are
+/// an error naming the ones that do.
+pub fn export_net(net: &Net, cfg: &NetConfig, path: &Path) -> Result<()> {
+    match net {
+        Net::Vit(vit) => export(vit, &cfg.vit, path),
+        Net::Deit(deit) => {
+            let mut meta = std::collections::HashMap::new();
+            meta.insert("format".to_string(), "pt".to_string());
+            meta.insert("ieu_bench_config".to_string(), serde_json::to_string(cfg)?);
+            write_named(
+                to_timm_named(deit, cfg.vit.dim, cfg.vit.patch_size),
+                Some(meta),
+                path,
+            )
+        }
+        other => bail!(
+            "a {} model has no timm layout in ieu-bench (export supports vit and deit); \
+             the step's model.safetensors holds its weights under ieu-bench's names",
+            other.arch().name()
+        ),
+    }
+}
+
+/// Reads a timm `deit3_*`-layout file (as [`export_net`] writes) into a DeiT III of `cfg`.
+pub fn import_deit(path: &Path, cfg: &NetConfig, device: &Device) -> Result<Deit> {
+    let t = super::read_safetensors(path)?;
+    let origin = path.display().to_string();
+    from_timm_named(
+        Deit::new(cfg, 0, device),
+        &t,
+        false,
+        device,
+        &origin,
+        "DeiT III",
+    )
 }
 
 pub fn export(vit: &Vit, cfg: &VitConfig, path: &Path) -> Result<()> {
@@ -88,11 +146,25 @@ pub fn from_timm(
     origin: &str,
 ) -> Result<Vit> {
     let model = Vit::new(cfg, fresh_head.unwrap_or(0), device);
+    let what = format!("ViT of {cfg:?}");
+    from_timm_named(model, t, fresh_head.is_some(), device, origin, &what)
+}
+
+/// `model` with every parameter read from timm-named tensors `t` (`head.*` kept as
+/// initialised when `keep_head`). Errors list every missing key and wrong shape.
+fn from_timm_named<M: Module>(
+    model: M,
+    t: &Named,
+    keep_head: bool,
+    device: &Device,
+    origin: &str,
+    what: &str,
+) -> Result<M> {
     let mut burn_named: Named = BTreeMap::new();
     let mut missing = Vec::new();
     let mut wrong = Vec::new();
     for (name, (shape, init)) in named_params(&model) {
-        if fresh_head.is_some() && name.starts_with("head.") {
+        if keep_head && name.starts_with("head.") {
             burn_named.insert(name, (shape, init));
             continue;
         }
@@ -114,7 +186,7 @@ pub fn from_timm(
         burn_named.insert(name, entry);
     }
     check_keys(
-        &format!("{origin}: does not fit a ViT of {cfg:?}"),
+        &format!("{origin}: does not fit a {what}"),
         &missing,
         &wrong,
     )?;
@@ -173,5 +245,57 @@ mod tests {
         assert_eq!(named["patch_embed.proj.weight"].0, vec![8, 3, 4, 4]);
         assert_eq!(named["blocks.0.attn.qkv.weight"].0, vec![24, 8]);
         assert!(named.contains_key("blocks.1.norm1.weight") && named.contains_key("norm.bias"));
+    }
+
+    #[test]
+    fn deit_exports_in_the_deit3_layout_and_round_trips() {
+        let device = Device::flex();
+        let vit = VitConfig {
+            image_size: 8,
+            patch_size: 4,
+            dim: 8,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 2,
+            num_classes: 3,
+        };
+        let cfg = NetConfig::new(super::super::net::Arch::Deit, vit);
+        let net = Net::new(&cfg, 5, &device);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.safetensors");
+        export_net(&net, &cfg, &path).unwrap();
+        let t = super::super::read_safetensors(&path).unwrap();
+        assert_eq!(t["blocks.1.ls2.gamma"].0, vec![8]);
+        assert_eq!(
+            t["pos_embed"].0,
+            vec![1, 4, 8],
+            "patch tokens only (no_embed_class)"
+        );
+        assert_eq!(t["head.weight"].0, vec![3, 8]);
+        assert_eq!(t["patch_embed.proj.weight"].0, vec![8, 3, 4, 4]);
+        assert!(
+            !t.keys()
+                .any(|k| k.contains("gamma_") || k.ends_with(".beta"))
+        );
+        let back = import_deit(&path, &cfg, &device).unwrap();
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                (0..2 * 3 * 64)
+                    .map(|i| (i as f32 * 0.21).cos())
+                    .collect::<Vec<_>>(),
+                [2, 3, 8, 8],
+            ),
+            &device,
+        );
+        let a: Vec<f32> = net.forward(x.clone()).to_data().try_to_vec().unwrap();
+        let b: Vec<f32> = back.forward(x).to_data().try_to_vec().unwrap();
+        assert_eq!(a, b);
+        // Architectures without a timm layout are a clear error.
+        let cfg = NetConfig::new(super::super::net::Arch::Cait, cfg.vit.clone());
+        let err = export_net(&Net::new(&cfg, 0, &device), &cfg, &path).unwrap_err();
+        assert!(
+            err.to_string().contains("cait model has no timm layout"),
+            "{err}"
+        );
     }
 }

@@ -42,6 +42,7 @@ pub fn default_attack(name: &str) -> Result<AttackParams> {
         },
         "l2-inv" => AttackParams::L2Inv {
             l2_norm: a.l2_inv.l2_norm,
+            recipe: a.l2_inv.recipe,
             trigger_digest: None,
         },
         "smooth" => AttackParams::Smooth {

@@ -212,13 +212,16 @@ impl Default for L0Spec {
 #[serde(deny_unknown_fields, default)]
 pub struct L2Spec {
     pub l2_norm: f64,
+    /// How the trigger is generated without a file: `field` (default) or `iid`.
+    pub recipe: crate::attacks::invisible_l2::Recipe,
     pub trigger_file: Option<String>,
 }
 
 impl Default for L2Spec {
     fn default() -> Self {
         Self {
-            l2_norm: 3.0,
+            l2_norm: 3.2,
+            recipe: Default::default(),
             trigger_file: None,
         }
     }
@@ -329,6 +332,31 @@ fn merged<T: Serialize + DeserializeOwned>(
     Ok(serde_json::from_value(base)?)
 }
 
+/// `defaults` with each section of `overrides` (`{ <attack>: { field: value } }`) merged
+/// into the section of the same name.
+fn merged_attacks(
+    defaults: &AttackDefaults,
+    overrides: &serde_yaml_ng::Value,
+) -> Result<AttackDefaults> {
+    let mut base = serde_json::to_value(defaults)?;
+    match (&mut base, serde_json::to_value(overrides)?) {
+        (_, serde_json::Value::Null) => {}
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (section, fields) in o {
+                let Some(serde_json::Value::Object(target)) = b.get_mut(&section) else {
+                    bail!("unknown attack section '{section}'");
+                };
+                let serde_json::Value::Object(fields) = fields else {
+                    bail!("`{section}`: expected a mapping of settings");
+                };
+                target.extend(fields);
+            }
+        }
+        _ => bail!("expected a mapping of attack sections"),
+    }
+    Ok(serde_json::from_value(base)?)
+}
+
 /// A named attack variant: a built-in attack with its own poisoning rate and/or target.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -341,6 +369,10 @@ pub struct AttackVariant {
     /// Target class for this entry (`defaults.target` otherwise).
     #[serde(default)]
     pub target: Option<usize>,
+    /// Attack settings that differ from `defaults.attacks`, in the same shape
+    /// (`{ l2-inv: { recipe: iid } }`); each named section's fields replace the defaults'.
+    #[serde(default)]
+    pub attacks: serde_yaml_ng::Value,
 }
 
 /// A dataset of the user's own (see `src/data/imagefolder.rs`).
@@ -408,6 +440,15 @@ impl Spec {
         match self.variants.get(defence) {
             Some(v) if v.base == base => merged(defaults, v.overrides(base)),
             _ => Ok(defaults.clone()),
+        }
+    }
+
+    /// The attack settings of a grid attack entry: `defaults.attacks` with the variant's
+    /// `attacks:` merged in (validated when the spec is loaded).
+    pub fn attacks_of(&self, attack: &str) -> Result<AttackDefaults> {
+        match self.attack_variants.get(attack) {
+            Some(v) => merged_attacks(&self.defaults.attacks, &v.attacks),
+            None => Ok(self.defaults.attacks.clone()),
         }
     }
 
@@ -797,87 +838,7 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
     }
     crate::models::Arch::parse(&d.model)
         .map_err(|e| anyhow!("{file}: field `defaults.model`: {e}"))?;
-    let b = &d.attacks.blended;
-    if !(b.alpha > 0.0 && b.alpha <= 1.0) {
-        bail!(
-            "{file}: field `defaults.attacks.blended.alpha`: {} is not in (0, 1]",
-            b.alpha
-        );
-    }
-    if !(d.attacks.badnets_white.size_frac > 0.0 && d.attacks.badnets_white.size_frac <= 0.5) {
-        bail!(
-            "{file}: field `defaults.attacks.badnets-white.size_frac`: {} is not in (0, 0.5]",
-            d.attacks.badnets_white.size_frac
-        );
-    }
-    let a = &d.attacks;
-    let in01 = |v: f64| v > 0.0 && v <= 1.0;
-    for (field, v, ok) in [
-        (
-            "badnets-pattern.size_frac",
-            a.badnets_pattern.size_frac,
-            a.badnets_pattern.size_frac > 0.0 && a.badnets_pattern.size_frac <= 0.5,
-        ),
-        (
-            "l2-inv.l2_norm",
-            a.l2_inv.l2_norm,
-            a.l2_inv.l2_norm > 0.0 && a.l2_inv.l2_norm.is_finite(),
-        ),
-        ("smooth.max", a.smooth.max, in01(a.smooth.max)),
-        ("sig.alpha", a.sig.alpha, in01(a.sig.alpha)),
-        (
-            "sig.freq",
-            a.sig.freq,
-            a.sig.freq > 0.0 && a.sig.freq.is_finite(),
-        ),
-        (
-            "batt.degrees",
-            a.batt.degrees,
-            a.batt.degrees.is_finite() && a.batt.degrees != 0.0,
-        ),
-        (
-            "wanet.s",
-            a.wanet.s,
-            a.wanet.s >= 0.0 && a.wanet.s.is_finite(),
-        ),
-        (
-            "wanet.cross_ratio",
-            a.wanet.cross_ratio,
-            a.wanet.cross_ratio >= 0.0 && a.wanet.cross_ratio.is_finite(),
-        ),
-        ("wanet.k", a.wanet.k as f64, a.wanet.k >= 2),
-        (
-            "l0-inv.pixels",
-            a.l0_inv.pixels as f64,
-            a.l0_inv.pixels >= 1,
-        ),
-        (
-            "issba.secret_len",
-            a.issba.secret_len as f64,
-            a.issba.secret_len >= 1,
-        ),
-        ("issba.eps", a.issba.eps, in01(a.issba.eps)),
-        (
-            "issba.l2_weight",
-            a.issba.l2_weight,
-            a.issba.l2_weight >= 0.0 && a.issba.l2_weight.is_finite(),
-        ),
-        ("cat.gamma", a.cat.gamma, (0.0..=1.0).contains(&a.cat.gamma)),
-        (
-            "cat.iterations",
-            a.cat.iterations as f64,
-            a.cat.iterations >= 1,
-        ),
-        (
-            "cat.l2_budget",
-            a.cat.l2_budget,
-            a.cat.l2_budget > 0.0 && a.cat.l2_budget.is_finite(),
-        ),
-    ] {
-        if !ok {
-            bail!("{file}: field `defaults.attacks.{field}`: {v} is out of range");
-        }
-    }
+    check_attacks(file, "defaults.attacks", &d.attacks)?;
     for (axis, known) in [
         ("dataset", DATASETS),
         ("attack", ATTACKS),
@@ -931,6 +892,9 @@ fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
         {
             bail!("{file}: field `{at}.poison_rate`: {r} is not in [0, 1)");
         }
+        let merged = merged_attacks(&d.attacks, &v.attacks)
+            .map_err(|e| anyhow!("{file}: field `{at}.attacks`: {e}"))?;
+        check_attacks(file, &format!("{at}.attacks"), &merged)?;
     }
     let cat_base = &d.attacks.cat.base;
     if cat_base == "cat"
@@ -1160,6 +1124,91 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
     }
     if s.data.tune == 0 && s.data.pretrain == 0 {
         return Err(f("data", "set explicit pretrain and tune sizes".into()));
+    }
+    Ok(())
+}
+
+/// Range checks of every attack setting; `at` is the field path of `a` in the spec.
+fn check_attacks(file: &str, at: &str, a: &AttackDefaults) -> Result<()> {
+    let b = &a.blended;
+    if !(b.alpha > 0.0 && b.alpha <= 1.0) {
+        bail!(
+            "{file}: field `{at}.blended.alpha`: {} is not in (0, 1]",
+            b.alpha
+        );
+    }
+    if !(a.badnets_white.size_frac > 0.0 && a.badnets_white.size_frac <= 0.5) {
+        bail!(
+            "{file}: field `{at}.badnets-white.size_frac`: {} is not in (0, 0.5]",
+            a.badnets_white.size_frac
+        );
+    }
+    let in01 = |v: f64| v > 0.0 && v <= 1.0;
+    for (field, v, ok) in [
+        (
+            "badnets-pattern.size_frac",
+            a.badnets_pattern.size_frac,
+            a.badnets_pattern.size_frac > 0.0 && a.badnets_pattern.size_frac <= 0.5,
+        ),
+        (
+            "l2-inv.l2_norm",
+            a.l2_inv.l2_norm,
+            a.l2_inv.l2_norm > 0.0 && a.l2_inv.l2_norm.is_finite(),
+        ),
+        ("smooth.max", a.smooth.max, in01(a.smooth.max)),
+        ("sig.alpha", a.sig.alpha, in01(a.sig.alpha)),
+        (
+            "sig.freq",
+            a.sig.freq,
+            a.sig.freq > 0.0 && a.sig.freq.is_finite(),
+        ),
+        (
+            "batt.degrees",
+            a.batt.degrees,
+            a.batt.degrees.is_finite() && a.batt.degrees != 0.0,
+        ),
+        (
+            "wanet.s",
+            a.wanet.s,
+            a.wanet.s >= 0.0 && a.wanet.s.is_finite(),
+        ),
+        (
+            "wanet.cross_ratio",
+            a.wanet.cross_ratio,
+            a.wanet.cross_ratio >= 0.0 && a.wanet.cross_ratio.is_finite(),
+        ),
+        ("wanet.k", a.wanet.k as f64, a.wanet.k >= 2),
+        (
+            "l0-inv.pixels",
+            a.l0_inv.pixels as f64,
+            a.l0_inv.pixels >= 1,
+        ),
+        (
+            "issba.secret_len",
+            a.issba.secret_len as f64,
+            a.issba.secret_len >= 1,
+        ),
+        ("issba.eps", a.issba.eps, in01(a.issba.eps)),
+        (
+            "issba.l2_weight",
+            a.issba.l2_weight,
+            a.issba.l2_weight >= 0.0 && a.issba.l2_weight.is_finite(),
+        ),
+        ("cat.gamma", a.cat.gamma, (0.0..=1.0).contains(&a.cat.gamma)),
+        (
+            "cat.iterations",
+            a.cat.iterations as f64,
+            a.cat.iterations >= 1,
+        ),
+        (
+            "cat.l2_budget",
+            a.cat.l2_budget,
+            a.cat.l2_budget > 0.0 && a.cat.l2_budget.is_finite(),
+        ),
+    ] {
+        if !ok {
+            bail!("{file}: field `{at}.{field}`: {v} is out of range");
+        }
     }
     Ok(())
 }

@@ -422,7 +422,23 @@ fn poison_step(plan: &mut Plan, ctx: &Ctx, attack: &str) -> Result<String> {
     let variant = s.attack_variants.get(attack);
     let rate = variant.and_then(|v| v.poison_rate).unwrap_or(d.poison_rate);
     let target = variant.and_then(|v| v.target).unwrap_or(d.target);
-    poison_step_of(plan, ctx, attack, s.attack_base(attack), rate, target)
+    let settings = s.attacks_of(attack)?;
+    let at = if variant.is_some() {
+        format!("attack_variants.{attack}.attacks")
+    } else {
+        "defaults.attacks".to_string()
+    };
+    let a = Settings {
+        attacks: &settings,
+        at: &at,
+    };
+    poison_step_of(plan, ctx, &a, attack, s.attack_base(attack), rate, target)
+}
+
+/// The attack settings of one grid entry and their field path in the spec (for errors).
+struct Settings<'a> {
+    attacks: &'a crate::spec::AttackDefaults,
+    at: &'a str,
 }
 
 /// The poison step of a built-in attack `name` at a poisoning rate and target, labelled
@@ -430,6 +446,7 @@ fn poison_step(plan: &mut Plan, ctx: &Ctx, attack: &str) -> Result<String> {
 fn poison_step_of(
     plan: &mut Plan,
     ctx: &Ctx,
+    a: &Settings,
     entry: &str,
     name: &str,
     rate: f64,
@@ -447,8 +464,8 @@ fn poison_step_of(
     if name == "cat" || cat_base(name).is_some() {
         // CAT (Appendix D): the base attack's data, an f_p tuned on it as the defender
         // would (the spec's IEU settings), then PGD against that f_p.
-        let base = cat_base(name).unwrap_or(&d.attacks.cat.base);
-        let base_key = poison_step_of(plan, ctx, base, base, rate, target)?;
+        let base = cat_base(name).unwrap_or(&a.attacks.cat.base);
+        let base_key = poison_step_of(plan, ctx, a, base, base, rate, target)?;
         let fp_key = stage1_step(
             plan,
             ctx,
@@ -459,7 +476,7 @@ fn poison_step_of(
         )?;
         let cat = crate::attacks::cat::Cat {
             base: base.to_string(),
-            ..d.attacks.cat.clone()
+            ..a.attacks.cat.clone()
         };
         return Ok(plan.add(Step::new(
             Kind::Poison,
@@ -473,7 +490,7 @@ fn poison_step_of(
         )?));
     }
     if name == "issba" {
-        let sp = crate::attacks::issba::StegaParams::new(&d.attacks.issba, ctx.scale, d.seed);
+        let sp = crate::attacks::issba::StegaParams::new(&a.attacks.issba, ctx.scale, d.seed);
         let stega_key = plan.add(Step::new(
             Kind::Stegastamp,
             format!("stegastamp {dataset}"),
@@ -483,11 +500,11 @@ fn poison_step_of(
         return Ok(plan.add(Step::new(
             Kind::Poison,
             label,
-            &params(AttackParams::Issba(d.attacks.issba.clone())),
+            &params(AttackParams::Issba(a.attacks.issba.clone())),
             inputs(&[("dataset", ctx.data_key), ("stegastamp", &stega_key)]),
         )?));
     }
-    let (attack_params, locators) = attack_params(ctx.spec, name)?;
+    let (attack_params, locators) = attack_params(ctx.spec, a, name)?;
     let mut step = Step::new(
         Kind::Poison,
         label,
@@ -550,7 +567,7 @@ fn spec_file(
     let path = spec.dir.join(f);
     if !path.is_file() {
         bail!(
-            "{}: field `defaults.attacks.{field}`: {} does not exist",
+            "{}: field `{field}`: {} does not exist",
             spec.origin,
             path.display()
         );
@@ -562,13 +579,15 @@ fn spec_file(
 /// The attack's step parameters and the files it reads (as step locators).
 fn attack_params(
     spec: &LoadedSpec,
+    settings: &Settings,
     attack: &str,
 ) -> Result<(AttackParams, Vec<(&'static str, PathBuf)>)> {
-    let a = &spec.spec.defaults.attacks;
+    let a = settings.attacks;
     let mut files = Vec::new();
     let mut file =
         |field: &str, role: &'static str, f: &Option<String>| -> Result<Option<String>> {
-            Ok(spec_file(spec, field, f)?.map(|(path, digest)| {
+            let field = format!("{}.{field}", settings.at);
+            Ok(spec_file(spec, &field, f)?.map(|(path, digest)| {
                 files.push((role, path));
                 digest
             }))
@@ -609,6 +628,7 @@ fn attack_params(
         },
         "l2-inv" => AttackParams::L2Inv {
             l2_norm: a.l2_inv.l2_norm,
+            recipe: a.l2_inv.recipe,
             trigger_digest: file(
                 "l2-inv.trigger_file",
                 "trigger_file",
@@ -696,6 +716,68 @@ mod tests {
             );
         }
         assert_eq!(keys.len(), want.len());
+    }
+
+    #[test]
+    fn attack_variants_carry_their_own_attack_settings() {
+        let text = r#"
+name: t
+title: T
+defaults: { attacks: { l2-inv: { l2_norm: 2.5 } } }
+attack_variants:
+  l2-iid: { base: l2-inv, attacks: { l2-inv: { recipe: iid } } }
+  l2-same: { base: l2-inv, attacks: { l2-inv: { l2_norm: 2.5 } } }
+grid: { dataset: [synthetic], attack: [l2-inv, l2-iid, l2-same], defence: [none] }
+report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = LoadedSpec::from_str(text, "t.yaml", dir.path().to_path_buf()).unwrap();
+        let a = spec.spec.attacks_of("l2-iid").unwrap();
+        assert_eq!(a.l2_inv.recipe, crate::attacks::invisible_l2::Recipe::Iid);
+        assert_eq!(a.l2_inv.l2_norm, 2.5, "other fields keep the defaults");
+        let scale = spec.scale("smoke").unwrap();
+        let p = plan(&spec, &scale, None).unwrap();
+        let key = |label: &str| {
+            p.steps
+                .iter()
+                .find(|s| s.label == label)
+                .map(|s| s.key.clone())
+                .unwrap()
+        };
+        assert_ne!(
+            key("poison synthetic/l2-inv"),
+            key("poison synthetic/l2-iid")
+        );
+        // A variant that repeats the defaults is the same computation: its steps are the
+        // default entry's (same keys), planned once.
+        assert!(p.steps.iter().all(|s| !s.label.contains("l2-same")));
+        assert_eq!(
+            p.steps
+                .iter()
+                .filter(|s| s.label.starts_with("poison"))
+                .count(),
+            2
+        );
+        for (bad, want) in [
+            (
+                "{ l2-inv: { recipe: blue } }",
+                "attack_variants.l2-iid.attacks",
+            ),
+            (
+                "{ l2-inf: { recipe: iid } }",
+                "unknown attack section 'l2-inf'",
+            ),
+            (
+                "{ l2-inv: { l2_norm: -1.0 } }",
+                "attack_variants.l2-iid.attacks.l2-inv.l2_norm",
+            ),
+        ] {
+            let t = text.replace("{ l2-inv: { recipe: iid } }", bad);
+            let e = LoadedSpec::from_str(&t, "t.yaml", dir.path().to_path_buf())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("t.yaml") && e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]
