@@ -89,6 +89,26 @@ pub enum Command {
         #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
         store: PathBuf,
     },
+    /// Run a ViT checkpoint (timm safetensors or .pth) on an input array as an import would
+    /// load it, printing its logits (to compare with PyTorch on the same input).
+    Logits {
+        /// The checkpoint: timm-layout `.safetensors`, or a `.pth` / `.pt` from torch.save.
+        checkpoint: PathBuf,
+        /// float32 `.npy` array [B, 3, S, S] at the checkpoint's image size, normalised as
+        /// the model expects (the same tensor given to PyTorch).
+        #[arg(long)]
+        input: PathBuf,
+        /// Write the logits [B, C] (or pre-logits [B, d] without a head) as float32 `.npy`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Attention heads (shapes do not tell); default width/64 as timm's ViT-S/B/L.
+        #[arg(long)]
+        heads: Option<usize>,
+        /// Nested state dict of a `.pth` (default: the top level, else teacher, student,
+        /// model, state_dict, model_state_dict).
+        #[arg(long)]
+        checkpoint_key: Option<String>,
+    },
     /// Draw every attack on a test image (clean, poisoned, amplified difference) into a PNG.
     Preview {
         /// Output PNG file.
@@ -235,6 +255,53 @@ pub fn main(cli: Cli) -> Result<()> {
             if verify {
                 store.verify(&key)?;
                 println!("verified: every output matches its digest");
+            }
+            Ok(())
+        }
+        Command::Logits {
+            checkpoint,
+            input,
+            out,
+            heads,
+            checkpoint_key,
+        } => {
+            let (shape, x) = crate::attacks::read_npy(&input)
+                .with_context(|| format!("--input {}", input.display()))?;
+            let device = burn::prelude::Device::flex();
+            let r = crate::models::logits::run(
+                &checkpoint,
+                checkpoint_key.as_deref(),
+                heads,
+                (&shape, &x),
+                &device,
+            )?;
+            let c = &r.config;
+            println!(
+                "{}: ViT {}x{} patch {}, width {}, depth {}, {} heads, MLP x{}; {} {:?}",
+                checkpoint.display(),
+                c.image_size,
+                c.image_size,
+                c.patch_size,
+                c.dim,
+                c.depth,
+                c.heads,
+                c.mlp_ratio,
+                if r.logits {
+                    "logits"
+                } else {
+                    "pre-logits (no head.weight in the checkpoint)"
+                },
+                r.shape
+            );
+            let cols = r.shape[1];
+            for (i, row) in r.values.chunks(cols).enumerate().take(8) {
+                let shown: Vec<String> = row.iter().take(10).map(|v| format!("{v:.6}")).collect();
+                let more = if cols > 10 { " …" } else { "" };
+                println!("  [{i}] {}{more}", shown.join(" "));
+            }
+            if let Some(out) = out {
+                crate::models::logits::write_npy(&out, &r.shape, &r.values)?;
+                println!("wrote {}", out.display());
             }
             Ok(())
         }

@@ -133,6 +133,31 @@ pub fn read_backbone(
     format: CheckpointFormat,
     key: Option<&str>,
 ) -> Result<(Named, Option<String>)> {
+    let (all, used_key) = read_stripped(path, format, key)?;
+    Ok((
+        all.into_iter().filter(|(n, _)| is_backbone(n)).collect(),
+        used_key,
+    ))
+}
+
+/// Whether a (prefix-stripped) tensor name belongs to the ViT backbone. `norm_pre`,
+/// register tokens and unknown block parameters count, so that [`infer`] can refuse ViT
+/// variants whose forward pass differs from ours.
+pub fn is_backbone(n: &str) -> bool {
+    matches!(n, "cls_token" | "pos_embed" | "reg_token")
+        || n.starts_with("patch_embed.")
+        || n.starts_with("blocks.")
+        || n.starts_with("norm.")
+        || n.starts_with("norm_pre.")
+}
+
+/// Every float tensor of a checkpoint (the chosen nested state dict of a `.pth`), with
+/// `module.` / `backbone.` prefixes stripped, and which nested state dict was used.
+pub fn read_stripped(
+    path: &Path,
+    format: CheckpointFormat,
+    key: Option<&str>,
+) -> Result<(Named, Option<String>)> {
     let (all, used_key) = match format {
         CheckpointFormat::Safetensors => {
             let bytes = std::fs::read(path)
@@ -171,16 +196,7 @@ pub fn read_backbone(
                 None => break,
             }
         }
-        // `norm_pre`, register tokens and unknown block parameters are kept so that
-        // [`infer`] can refuse ViT variants whose forward pass differs from ours.
-        let backbone = matches!(n, "cls_token" | "pos_embed" | "reg_token")
-            || n.starts_with("patch_embed.")
-            || n.starts_with("blocks.")
-            || n.starts_with("norm.")
-            || n.starts_with("norm_pre.");
-        if backbone {
-            out.insert(n.to_string(), t);
-        }
+        out.insert(n.to_string(), t);
     }
     Ok((out, used_key))
 }

@@ -7,6 +7,7 @@
 pub mod cait;
 pub mod deit;
 pub mod import;
+pub mod logits;
 pub mod net;
 pub mod pit;
 pub mod pth;
