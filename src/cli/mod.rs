@@ -202,6 +202,10 @@ pub fn main(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
+            let stale = store.sweep_stale()?;
+            if stale > 0 {
+                tracing::info!("removed {stale} staging directories left by killed runs");
+            }
             let jobs = common.jobs.unwrap_or_else(crate::default_jobs);
             let exec = Executor::new(store.clone(), common.data_dir.clone(), jobs);
             let summary = exec.run(&plan)?;

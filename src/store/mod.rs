@@ -8,6 +8,8 @@
 //! file is fsynced, the manifest is written last, and the directory is renamed into
 //! `objects/`. A killed run leaves at most a stale staging directory, never an object
 //! that looks complete. An object exists if and only if its directory exists under `objects/`.
+//! Staging directories are named `stage-<host>-<pid>-…`; [`Store::sweep_stale`] (run at the
+//! start of `run`) removes those of this host whose process no longer exists.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -90,11 +92,40 @@ impl Store {
 
     /// A fresh, empty staging directory for computing a step.
     pub fn stage(&self) -> Result<Staging> {
+        let prefix = format!("stage-{}-{}-", host_name(), std::process::id());
         let dir = tempfile::Builder::new()
-            .prefix("stage-")
+            .prefix(&prefix)
             .tempdir_in(self.root.join("tmp"))
             .context("cannot create a staging directory in the store")?;
         Ok(Staging { dir })
+    }
+
+    /// Removes staging directories left by killed runs on this host (their process is
+    /// gone); returns how many. Directories of other hosts, of live processes, or named
+    /// otherwise are left alone. Needs `/proc` (Linux); elsewhere it removes nothing.
+    pub fn sweep_stale(&self) -> Result<usize> {
+        let host = host_name();
+        if host == "unknown" || !Path::new("/proc/self").exists() {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        for entry in fs::read_dir(self.root.join("tmp"))? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(&format!("stage-{host}-")) else {
+                continue;
+            };
+            let Some(Ok(pid)) = rest.split('-').next().map(str::parse::<u32>) else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                fs::remove_dir_all(entry.path()).with_context(|| {
+                    format!("cannot remove stale staging {}", entry.path().display())
+                })?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Publishes a staged step under `manifest.key`: digests and fsyncs every output,
@@ -212,6 +243,18 @@ fn digest_dir(dir: &Path) -> Result<BTreeMap<String, OutputDigest>> {
 
 /// Writes a file and fsyncs it.
 /// Writes `value` as pretty JSON with [`write_synced`].
+/// This machine's host name (`-` and `/` replaced), or `unknown`.
+fn host_name() -> String {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    if name.is_empty() {
+        return "unknown".into();
+    }
+    name.replace(['-', '/', '.'], "_")
+}
+
 pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     write_synced(path, serde_json::to_string_pretty(value)?.as_bytes())
 }
@@ -276,6 +319,36 @@ mod tests {
 
         fs::write(store.object_dir(&key).join("a.txt"), b"tampered").unwrap();
         assert!(store.verify(&key).is_err());
+    }
+
+    #[test]
+    fn sweep_removes_staging_of_dead_processes_only() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let live = store.stage().unwrap();
+        std::fs::write(live.path().join("x"), b"1").unwrap();
+        let tmp = root.path().join("tmp");
+        let host = host_name();
+        // A process id above any pid_max: that run is certainly gone.
+        let dead = tmp.join(format!("stage-{host}-999999999-abc"));
+        let other_host = tmp.join("stage-elsewhere-999999999-abc");
+        for d in [&dead, &other_host] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("model.safetensors"), b"half").unwrap();
+        }
+        let removed = store.sweep_stale().unwrap();
+        if host != "unknown" && Path::new("/proc/self").exists() {
+            assert_eq!(removed, 1);
+            assert!(!dead.exists());
+        }
+        assert!(
+            other_host.exists(),
+            "another host's staging is not ours to judge"
+        );
+        assert!(
+            live.path().join("x").exists(),
+            "this process's staging stays"
+        );
     }
 
     #[test]
