@@ -84,14 +84,8 @@ pub fn export_net(net: &Net, cfg: &NetConfig, path: &Path) -> Result<()> {
     match net {
         Net::Vit(vit) => export(vit, &cfg.vit, path),
         Net::Deit(deit) => {
-            let mut meta = std::collections::HashMap::new();
-            meta.insert("format".to_string(), "pt".to_string());
-            meta.insert("ieu_bench_config".to_string(), serde_json::to_string(cfg)?);
-            write_named(
-                to_timm_named(deit, cfg.vit.dim, cfg.vit.patch_size),
-                Some(meta),
-                path,
-            )
+            let named = to_timm_named(deit, cfg.vit.dim, cfg.vit.patch_size);
+            write_named(named, Some(metadata(cfg)?), path)
         }
         other => bail!(
             "a {} model has no timm layout in ieu-bench (export supports vit and deit); \
@@ -116,10 +110,15 @@ pub fn import_deit(path: &Path, cfg: &NetConfig, device: &Device) -> Result<Deit
 }
 
 pub fn export(vit: &Vit, cfg: &VitConfig, path: &Path) -> Result<()> {
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("ieu_bench_config".to_string(), serde_json::to_string(cfg)?);
-    write_named(to_timm(vit, cfg), Some(meta), path)
+    write_named(to_timm(vit, cfg), Some(metadata(cfg)?), path)
+}
+
+/// safetensors metadata of an export: PyTorch's `format: pt` and the model's config.
+fn metadata<C: serde::Serialize>(cfg: &C) -> Result<std::collections::HashMap<String, String>> {
+    Ok(std::collections::HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("ieu_bench_config".to_string(), serde_json::to_string(cfg)?),
+    ]))
 }
 
 /// Reads a timm-layout file written by [`export`] back into a ViT of `cfg`.
