@@ -211,10 +211,9 @@ pub fn check_keys(what: &str, missing: &[String], wrong: &[String]) -> Result<()
 mod tests {
     use super::*;
 
-    #[test]
-    fn export_import_round_trip_gives_identical_logits() {
-        let device = Device::flex();
-        let cfg = VitConfig {
+    /// An 8×8, two-block, 8-wide model with 3 classes.
+    fn tiny() -> VitConfig {
+        VitConfig {
             image_size: 8,
             patch_size: 4,
             dim: 8,
@@ -222,21 +221,25 @@ mod tests {
             heads: 2,
             mlp_ratio: 2,
             num_classes: 3,
-        };
+        }
+    }
+
+    /// Two deterministic 8×8 RGB inputs.
+    fn input(device: &Device) -> Tensor<4> {
+        let v: Vec<f32> = (0..2 * 3 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        Tensor::from_data(TensorData::new(v, [2, 3, 8, 8]), device)
+    }
+
+    #[test]
+    fn export_import_round_trip_gives_identical_logits() {
+        let device = Device::flex();
+        let cfg = tiny();
         let vit = Vit::new(&cfg, 11, &device);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
         export(&vit, &cfg, &path).unwrap();
         let back = import(&path, &cfg, &device).unwrap();
-        let x = Tensor::<4>::from_data(
-            TensorData::new(
-                (0..2 * 3 * 64)
-                    .map(|i| (i as f32 * 0.37).sin())
-                    .collect::<Vec<_>>(),
-                [2, 3, 8, 8],
-            ),
-            &device,
-        );
+        let x = input(&device);
         let a: Vec<f32> = vit.forward(x.clone()).to_data().try_to_vec().unwrap();
         let b: Vec<f32> = back.forward(x).to_data().try_to_vec().unwrap();
         assert_eq!(a, b);
@@ -249,16 +252,7 @@ mod tests {
     #[test]
     fn deit_exports_in_the_deit3_layout_and_round_trips() {
         let device = Device::flex();
-        let vit = VitConfig {
-            image_size: 8,
-            patch_size: 4,
-            dim: 8,
-            depth: 2,
-            heads: 2,
-            mlp_ratio: 2,
-            num_classes: 3,
-        };
-        let cfg = NetConfig::new(super::super::net::Arch::Deit, vit);
+        let cfg = NetConfig::new(super::super::net::Arch::Deit, tiny());
         let net = Net::new(&cfg, 5, &device);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.safetensors");
@@ -277,15 +271,7 @@ mod tests {
                 .any(|k| k.contains("gamma_") || k.ends_with(".beta"))
         );
         let back = import_deit(&path, &cfg, &device).unwrap();
-        let x = Tensor::<4>::from_data(
-            TensorData::new(
-                (0..2 * 3 * 64)
-                    .map(|i| (i as f32 * 0.21).cos())
-                    .collect::<Vec<_>>(),
-                [2, 3, 8, 8],
-            ),
-            &device,
-        );
+        let x = input(&device);
         let a: Vec<f32> = net.forward(x.clone()).to_data().try_to_vec().unwrap();
         let b: Vec<f32> = back.forward(x).to_data().try_to_vec().unwrap();
         assert_eq!(a, b);
