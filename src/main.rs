@@ -1,7 +1,14 @@
 use clap::Parser;
 
 fn main() {
+    // Output piped into `head` and closed early ends the process quietly, as for other
+    // Unix tools, instead of a panic on the broken pipe.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     ieu_bench::logging::init();
+    ieu_bench::dag::exec::install_panic_hook();
     let cli = ieu_bench::cli::Cli::parse();
     if let Err(e) = ieu_bench::cli::main(cli) {
         eprintln!("error: {e:#}");

@@ -51,8 +51,6 @@ use crate::data::ImageSet;
 use crate::models::vit::Init;
 use crate::progress::Progress;
 
-pub const STEGASTAMP_VERSION: u32 = 1;
-
 /// The reference's fixed 20-bit secret.
 pub const REFERENCE_SECRET: [u8; 20] = [1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0, 1];
 

@@ -106,8 +106,6 @@ pub struct PoisonParams {
     pub seed: u64,
 }
 
-pub const POISON_VERSION: u32 = 1;
-
 /// A ready-to-apply trigger at one image size (CHW u8 images).
 #[derive(Debug, Clone)]
 pub enum Trigger {

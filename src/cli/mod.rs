@@ -80,6 +80,20 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Check every object of the store against its manifest; damaged ones are quarantined.
+    /// Exits non-zero on any damage.
+    Verify {
+        #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
+        store: PathBuf,
+    },
+    /// List what the store holds: kind, label, key, size, age, backend (oldest first).
+    Ls {
+        #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
+        store: PathBuf,
+        /// Only objects of this kind (dataset, poison, pretrain, stage1, finetune, …).
+        #[arg(long)]
+        kind: Option<String>,
+    },
     /// Write a stored model (pretrain, stage1 or finetune step) as timm-layout safetensors.
     Export {
         /// Step hash or a unique prefix of it.
@@ -139,6 +153,8 @@ pub enum Command {
     },
 }
 
+/// Loads the spec and plans it. `run` opens (creating) the store first, so the plan can use
+/// its data-file digest cache; `report` needs an existing store.
 fn load(
     common: &Common,
     lenient: bool,
@@ -146,26 +162,53 @@ fn load(
     let mut spec = LoadedSpec::load(common.spec.as_deref())?;
     spec.apply_only(&common.only)?;
     let scale = spec.scale(&common.scale)?;
+    let store = if lenient {
+        Store::open_existing(&common.store)?
+    } else {
+        Store::open(&common.store)?
+    };
+    crate::store::stat_cache::attach(store.root());
     let plan = if lenient {
         crate::spec::plan::plan_available(&spec, &scale, common.data_dir.as_deref())?
     } else {
         crate::spec::plan::plan(&spec, &scale, common.data_dir.as_deref())?
     };
-    let store = Store::open(&common.store)?;
+    if let Err(e) = crate::store::stat_cache::save() {
+        tracing::warn!("cannot save the data-file digest cache: {e:#}");
+    }
     Ok((spec, scale, plan, store))
 }
 
 /// Opens an existing store (never creating one) and resolves a step hash or prefix in it.
 fn resolve_in_store(root: &std::path::Path, hash: &str) -> Result<(Store, String)> {
-    if !root.join("objects").is_dir() {
-        bail!(
-            "no store at {} (pass --store or set IEU_STORE)",
-            root.display()
-        );
-    }
-    let store = Store::open(root)?;
+    let store = Store::open_existing(root)?;
     let key = store.resolve(hash)?;
     Ok((store, key))
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn human_age(d: chrono::TimeDelta) -> String {
+    let s = d.num_seconds().max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }
 
 pub fn main(cli: Cli) -> Result<()> {
@@ -211,10 +254,23 @@ pub fn main(cli: Cli) -> Result<()> {
             let summary = exec.run(&plan)?;
             let mut df = crate::report::collect(&plan, &store)?;
             println!("{}", crate::report::to_csv(&mut df)?.trim_end());
+            let mut extra = String::new();
+            if summary.reused > 0 {
+                extra.push_str(&format!(
+                    ", {} computed by a concurrent run and reused",
+                    summary.reused
+                ));
+            }
+            if summary.recomputed > 0 {
+                extra.push_str(&format!(
+                    ", {} damaged objects quarantined and recomputed",
+                    summary.recomputed
+                ));
+            }
             println!(
-                "done: {total} steps, {} run, {} cached, {:.1}s",
+                "done: {total} steps, {} run, {} cached{extra}, {:.1}s",
                 summary.ran,
-                total - summary.ran,
+                summary.cached,
                 t0.elapsed().as_secs_f64()
             );
             Ok(())
@@ -242,8 +298,7 @@ pub fn main(cli: Cli) -> Result<()> {
                 Format::Markdown => crate::report::to_markdown(&df, &spec, &common.scale)?,
             };
             match out {
-                Some(p) => std::fs::write(&p, text)
-                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
+                Some(p) => crate::store::write_atomic(&p, text.as_bytes())?,
                 None => print!("{text}"),
             }
             Ok(())
@@ -256,10 +311,83 @@ pub fn main(cli: Cli) -> Result<()> {
             let (store, key) = resolve_in_store(&store, &hash)?;
             let m = store.manifest(&key)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
+            println!(
+                "code: {} {} (backend {})",
+                if m.code_identity.is_empty() {
+                    "?"
+                } else {
+                    &m.code_identity
+                },
+                if m.code.is_empty() {
+                    "(computed before code identities)"
+                } else {
+                    &m.code
+                },
+                m.backend
+            );
             if verify {
                 store.verify(&key)?;
                 println!("verified: every output matches its digest");
             }
+            Ok(())
+        }
+        Command::Verify { store } => {
+            let store = Store::open_existing(&store)?;
+            let keys = store.keys()?;
+            let mut damaged = 0;
+            let mut bytes = 0u64;
+            for key in &keys {
+                match store.verify(key) {
+                    Ok(m) => bytes += m.outputs.values().map(|d| d.bytes).sum::<u64>(),
+                    Err(e) => {
+                        damaged += 1;
+                        eprintln!("damaged: {e:#}");
+                    }
+                }
+            }
+            println!(
+                "verified {} objects ({}): {} intact, {damaged} damaged",
+                keys.len(),
+                human_bytes(bytes),
+                keys.len() - damaged
+            );
+            if damaged > 0 {
+                bail!(
+                    "{damaged} damaged objects in store {} (quarantined; `ieu-bench run` recomputes them)",
+                    store.root().display()
+                );
+            }
+            Ok(())
+        }
+        Command::Ls { store, kind } => {
+            let store = Store::open_existing(&store)?;
+            let now = chrono::Utc::now();
+            let rows: Vec<_> = store
+                .list()?
+                .into_iter()
+                .filter(|l| kind.as_deref().is_none_or(|k| l.kind == k))
+                .collect();
+            println!(
+                "{:<10} {:<12} {:>9} {:>6}  {:<8} label",
+                "kind", "key", "size", "age", "backend"
+            );
+            let mut total = 0;
+            for l in &rows {
+                total += l.bytes;
+                let age = chrono::DateTime::parse_from_rfc3339(&l.created)
+                    .map(|t| human_age(now.signed_duration_since(t.with_timezone(&chrono::Utc))))
+                    .unwrap_or_else(|_| "?".into());
+                println!(
+                    "{:<10} {:<12} {:>9} {:>6}  {:<8} {}",
+                    l.kind,
+                    &l.key[..l.key.len().min(12)],
+                    human_bytes(l.bytes),
+                    age,
+                    l.backend,
+                    l.label
+                );
+            }
+            println!("{} objects, {}", rows.len(), human_bytes(total));
             Ok(())
         }
         Command::Logits {
@@ -311,7 +439,7 @@ pub fn main(cli: Cli) -> Result<()> {
         }
         Command::Export { hash, out, store } => {
             let (store, key) = resolve_in_store(&store, &hash)?;
-            let dir = store.object_dir(&key);
+            let dir = store.verified(&key)?;
             if !dir.join("model.safetensors").is_file() {
                 let kind = store.manifest(&key)?.kind;
                 bail!(

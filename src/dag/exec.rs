@@ -1,14 +1,29 @@
 //! Executing a plan: every step whose key is not in the store is computed into a staging
 //! directory and published atomically; stored steps are skipped.
+//!
+//! - **Verified inputs.** Before anything runs, every stored object the run will read (the
+//!   inputs of the steps to run, transitively, and the evaluate steps whose metrics it
+//!   prints) is checked against its manifest; a damaged one is quarantined and computed
+//!   again like a missing one. A step also re-checks its inputs when it starts.
+//! - **One computation per key.** A step runs only under its key's lock
+//!   ([`Store::try_lock`]); another `run` on the same store that wants the same step waits
+//!   for the lock, finds the published object and reuses it. Meanwhile its workers take
+//!   other ready steps, so concurrent runs share the work.
+//! - **Failures end cleanly.** An error or a panic inside a step stops that step (nothing is
+//!   published), its dependents are not run, independent steps still run to the end, and
+//!   [`Executor::run`] returns an error naming every failed step and the steps left out.
 
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 
 use super::{Kind, Plan, Step};
-use crate::store::{Manifest, Store};
+use crate::store::{Damaged, KeyLock, Manifest, Store};
 
 pub struct Executor {
     store: Store,
@@ -18,8 +33,22 @@ pub struct Executor {
 
 #[derive(Debug, Default)]
 pub struct RunSummary {
+    /// Steps computed by this run.
     pub ran: usize,
+    /// Steps found in the store when the run started.
     pub cached: usize,
+    /// Steps another run on the same store computed while this one waited for their lock.
+    pub reused: usize,
+    /// Stored objects found damaged, quarantined and computed again.
+    pub recomputed: usize,
+}
+
+/// A step that failed, and why.
+#[derive(Debug, Clone)]
+pub struct StepFailure {
+    pub label: String,
+    pub key: String,
+    pub message: String,
 }
 
 /// Scheduling state shared by the workers.
@@ -27,7 +56,56 @@ struct Sched<'a> {
     pending: Vec<&'a Step>,
     running: usize,
     ran: usize,
-    failed: Option<anyhow::Error>,
+    reused: usize,
+    recomputed: usize,
+    failed: Vec<StepFailure>,
+    /// Keys that failed or were left out because an input did.
+    bad: HashSet<String>,
+    not_run: Vec<String>,
+    /// Times each key's inputs were found damaged at start (bounded retries).
+    requeued: HashMap<String, usize>,
+}
+
+thread_local! {
+    /// Inside a step, panics are reported by the executor, not by the default hook.
+    static IN_STEP: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs a panic hook that keeps panics inside steps quiet (the executor reports them as
+/// one error naming the step, with the panic's message and location); other panics go to
+/// the default hook. With `RUST_BACKTRACE` set, step panics print as usual.
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_step = IN_STEP.with(|s| s.borrow().is_some());
+        if in_step && std::env::var_os("RUST_BACKTRACE").is_none() {
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            IN_STEP.with(|s| *s.borrow_mut() = Some(at));
+        } else {
+            default(info);
+        }
+    }));
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+/// An input of a step was found damaged when the step started (it has been quarantined).
+#[derive(Debug, thiserror::Error)]
+#[error("input {key} is damaged: {why}")]
+struct InputDamaged {
+    key: String,
+    why: String,
 }
 
 impl Executor {
@@ -41,7 +119,53 @@ impl Executor {
         }
     }
 
+    /// Checks the stored objects this run will read; quarantines damaged ones (they are then
+    /// missing, and computed again). Returns how many were damaged.
+    fn verify_reads(&self, plan: &Plan) -> usize {
+        let by_key: HashMap<&str, &Step> = plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
+        let mut damaged = 0;
+        loop {
+            let missing: Vec<&Step> = plan
+                .steps
+                .iter()
+                .filter(|s| !self.store.contains(&s.key))
+                .collect();
+            // What the run reads: inputs of missing steps (transitively) and the metrics of
+            // the grid cells.
+            let mut need: Vec<&str> = plan.cells.iter().map(|c| c.evaluate.as_str()).collect();
+            let mut seen: HashSet<&str> = HashSet::new();
+            let mut stack: Vec<&str> = missing
+                .iter()
+                .flat_map(|s| s.inputs.values().map(String::as_str))
+                .collect();
+            while let Some(k) = stack.pop() {
+                if !seen.insert(k) {
+                    continue;
+                }
+                need.push(k);
+                if let Some(s) = by_key.get(k) {
+                    stack.extend(s.inputs.values().map(String::as_str));
+                }
+            }
+            let mut changed = false;
+            for k in need {
+                if !self.store.contains(k) {
+                    continue;
+                }
+                if let Err(e) = self.store.verified(k) {
+                    tracing::warn!("{e:#}");
+                    damaged += 1;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return damaged;
+            }
+        }
+    }
+
     pub fn run(&self, plan: &Plan) -> Result<RunSummary> {
+        let recomputed = self.verify_reads(plan);
         let todo: Vec<&Step> = plan
             .steps
             .iter()
@@ -56,62 +180,182 @@ impl Executor {
             total,
             self.jobs
         );
+        let by_key: HashMap<&str, &Step> = plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
         let sched = Mutex::new(Sched {
             pending: todo,
             running: 0,
             ran: 0,
-            failed: None,
+            reused: 0,
+            recomputed,
+            failed: Vec::new(),
+            bad: HashSet::new(),
+            not_run: Vec::new(),
+            requeued: HashMap::new(),
         });
         let wake = Condvar::new();
         std::thread::scope(|scope| {
             for _ in 0..self.jobs.min(total.max(1)) {
-                scope.spawn(|| self.worker(&sched, &wake, total));
+                scope.spawn(|| self.worker(&sched, &wake, total, &by_key));
             }
         });
-        let sched = sched.into_inner().unwrap();
-        if let Some(e) = sched.failed {
-            return Err(e);
+        let st = sched.into_inner().unwrap();
+        if !st.failed.is_empty() {
+            let mut msg = String::new();
+            for f in &st.failed {
+                msg.push_str(&format!(
+                    "step '{}' ({}) failed: {}\n",
+                    f.label,
+                    &f.key[..12],
+                    f.message
+                ));
+            }
+            if st.not_run.is_empty() {
+                msg.push_str(&format!(
+                    "{} other steps ran to the end; nothing else was left out",
+                    st.ran
+                ));
+            } else {
+                msg.push_str(&format!(
+                    "not run, because a step they depend on failed: {}; {} independent steps ran to the end",
+                    st.not_run.join(", "),
+                    st.ran
+                ));
+            }
+            bail!("{msg}");
         }
         Ok(RunSummary {
-            ran: sched.ran,
+            ran: st.ran,
             cached,
+            reused: st.reused,
+            recomputed: st.recomputed,
         })
     }
 
-    fn worker(&self, sched: &Mutex<Sched>, wake: &Condvar, total: usize) {
+    /// Removes pending steps that depend on a failed (or left-out) step, transitively.
+    fn prune(st: &mut Sched) {
+        loop {
+            let before = st.pending.len();
+            let mut i = 0;
+            while i < st.pending.len() {
+                let s = st.pending[i];
+                if s.inputs.values().any(|k| st.bad.contains(k)) {
+                    st.bad.insert(s.key.clone());
+                    st.not_run.push(s.label.clone());
+                    st.pending.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+            if st.pending.len() == before {
+                return;
+            }
+        }
+    }
+
+    fn worker<'a>(
+        &self,
+        sched: &Mutex<Sched<'a>>,
+        wake: &Condvar,
+        total: usize,
+        by_key: &HashMap<&str, &'a Step>,
+    ) {
         let device = crate::default_device();
         loop {
-            let step = {
+            let (step, lock) = {
                 let mut st = sched.lock().unwrap();
                 loop {
-                    if st.failed.is_some() || st.pending.is_empty() {
+                    Self::prune(&mut st);
+                    if st.pending.is_empty() {
                         wake.notify_all();
                         return;
                     }
-                    let ready = st
-                        .pending
-                        .iter()
-                        .position(|s| s.inputs.values().all(|k| self.store.contains(k)));
-                    match ready {
-                        Some(i) => {
-                            st.running += 1;
-                            break st.pending.remove(i);
+                    let mut held_elsewhere = false;
+                    let mut pick = None;
+                    let mut lock_error = None;
+                    for (i, s) in st.pending.iter().enumerate() {
+                        if !s.inputs.values().all(|k| self.store.contains(k)) {
+                            continue;
                         }
-                        None if st.running == 0 => {
-                            st.failed = Some(anyhow!(
-                                "no step can run: inputs missing for {}",
-                                st.pending[0].label
-                            ));
-                            wake.notify_all();
-                            return;
+                        match self.store.try_lock(&s.key) {
+                            Ok(Some(lock)) => {
+                                pick = Some((i, lock));
+                                break;
+                            }
+                            Ok(None) => held_elsewhere = true,
+                            Err(e) => {
+                                lock_error = Some((i, e));
+                                break;
+                            }
                         }
-                        None => st = wake.wait(st).unwrap(),
                     }
+                    if let Some((i, e)) = lock_error {
+                        let s = st.pending.remove(i);
+                        st.bad.insert(s.key.clone());
+                        st.failed.push(StepFailure {
+                            label: s.label.clone(),
+                            key: s.key.clone(),
+                            message: format!("{e:#}"),
+                        });
+                        continue;
+                    }
+                    if let Some((i, lock)) = pick {
+                        let s = st.pending.remove(i);
+                        if self.store.contains(&s.key) {
+                            // Another run computed it while we waited for its lock.
+                            tracing::info!(
+                                "    {} ({}): computed by another run, reused",
+                                s.label,
+                                s.short()
+                            );
+                            st.reused += 1;
+                            drop(lock);
+                            wake.notify_all();
+                            continue;
+                        }
+                        st.running += 1;
+                        break (s, lock);
+                    }
+                    if st.running == 0 && !held_elsewhere {
+                        // Nothing runs here or elsewhere, and no pending step is ready.
+                        let pending = std::mem::take(&mut st.pending);
+                        for s in pending {
+                            let missing: Vec<&str> = s
+                                .inputs
+                                .values()
+                                .filter(|k| !self.store.contains(k))
+                                .map(|k| &k[..12])
+                                .collect();
+                            st.bad.insert(s.key.clone());
+                            st.failed.push(StepFailure {
+                                label: s.label.clone(),
+                                key: s.key.clone(),
+                                message: format!(
+                                    "its inputs {} are neither stored nor planned",
+                                    missing.join(", ")
+                                ),
+                            });
+                        }
+                        wake.notify_all();
+                        return;
+                    }
+                    // Wait for our own steps to finish, or for another run's locks.
+                    st = wake.wait_timeout(st, Duration::from_millis(200)).unwrap().0;
                 }
             };
-            let n = total - sched.lock().unwrap().pending.len();
+            let n = {
+                let st = sched.lock().unwrap();
+                st.ran + st.reused + st.failed.len() + st.running
+            };
             tracing::info!("[{n}/{total}] {} ({})", step.label, step.short());
-            let res = self.execute(step, &device);
+            IN_STEP.with(|s| *s.borrow_mut() = Some(String::new()));
+            let res =
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.execute(step, &device, &lock)));
+            let at = IN_STEP.with(|s| s.borrow_mut().take()).unwrap_or_default();
+            drop(lock);
+            let res = match res {
+                Ok(r) => r,
+                Err(payload) => Err(anyhow!("panicked{at}: {}", panic_message(&*payload))),
+            };
             let mut st = sched.lock().unwrap();
             st.running -= 1;
             match res {
@@ -119,33 +363,65 @@ impl Executor {
                     st.ran += 1;
                     tracing::info!("    {} done in {secs:.1}s", step.label);
                 }
-                Err(e) => {
-                    if st.failed.is_none() {
-                        st.failed = Some(e);
+                Err(e) => match e.downcast_ref::<InputDamaged>() {
+                    Some(d) if st.requeued.get(&step.key).copied().unwrap_or(0) < 2 => {
+                        tracing::warn!("{e:#}; computing it again");
+                        *st.requeued.entry(step.key.clone()).or_default() += 1;
+                        st.recomputed += 1;
+                        if let Some(input) = by_key.get(d.key.as_str()) {
+                            if !st.pending.iter().any(|s| s.key == input.key) {
+                                st.pending.push(input);
+                            }
+                        }
+                        st.pending.push(step);
                     }
-                }
+                    _ => {
+                        tracing::error!("step '{}' ({}) failed: {e:#}", step.label, step.short());
+                        st.bad.insert(step.key.clone());
+                        st.failed.push(StepFailure {
+                            label: step.label.clone(),
+                            key: step.key.clone(),
+                            message: format!("{e:#}"),
+                        });
+                    }
+                },
             }
             wake.notify_all();
         }
     }
 
     /// Computes one step into a staging directory and publishes it; returns its duration.
-    fn execute(&self, step: &Step, device: &burn::prelude::Device) -> Result<f64> {
+    fn execute(&self, step: &Step, device: &burn::prelude::Device, lock: &KeyLock) -> Result<f64> {
         let t0 = Instant::now();
-        let staging = self.store.stage()?;
-        self.compute(step, staging.path(), device)
-            .with_context(|| format!("step '{}' ({}) failed", step.label, step.short()))?;
+        for key in step.inputs.values() {
+            if let Err(e) = self.store.verified(key) {
+                if e.downcast_ref::<Damaged>().is_some() {
+                    return Err(InputDamaged {
+                        key: key.clone(),
+                        why: format!("{e:#}"),
+                    }
+                    .into());
+                }
+                return Err(e);
+            }
+        }
+        let staging = self.store.stage(lock)?;
+        self.compute(step, staging.path(), device)?;
         let manifest = Manifest {
             key: step.key.clone(),
             kind: step.kind.name().to_string(),
             label: step.label.clone(),
-            kind_version: step.kind.version(),
+            code_identity: super::identity_name(step.kind, &step.params),
+            code: super::code_digest(step.kind, &step.params).to_string(),
+            dependencies: super::code::NUMERIC_DEPENDENCIES.to_string(),
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             params: step.params.clone(),
             inputs: step.inputs.clone(),
             outputs: Default::default(),
             duration_s: t0.elapsed().as_secs_f64(),
             backend: crate::backend_name().to_string(),
+            host: crate::store::host_name(),
+            pid: std::process::id(),
             created: chrono::Utc::now().to_rfc3339(),
         };
         self.store.publish(staging, manifest)?;
@@ -157,7 +433,7 @@ impl Executor {
             .inputs
             .get(role)
             .ok_or_else(|| anyhow!("step {} has no input '{role}'", step.label))?;
-        Ok(self.store.object_dir(key))
+        self.store.verified(key)
     }
 
     fn compute(
@@ -293,11 +569,16 @@ impl Executor {
                 let poison = self.input(step, "poison")?;
                 let dataset = self.dataset_of(&poison)?;
                 let pretrain = self.input(step, "pretrain")?;
-                let optional = |role: &str| step.inputs.get(role).map(|k| self.store.object_dir(k));
+                let optional = |role: &str| -> Result<Option<PathBuf>> {
+                    step.inputs
+                        .get(role)
+                        .map(|k| self.store.verified(k))
+                        .transpose()
+                };
                 let (stage1, isolate, backdoored) = (
-                    optional("stage1"),
-                    optional("isolate"),
-                    optional("backdoored"),
+                    optional("stage1")?,
+                    optional("isolate")?,
+                    optional("backdoored")?,
                 );
                 let inputs = crate::defences::FinetuneInputs {
                     dataset: &dataset,
@@ -336,6 +617,6 @@ impl Executor {
             .inputs
             .get("dataset")
             .ok_or_else(|| anyhow!("poison step {key} has no dataset input"))?;
-        Ok(self.store.object_dir(d))
+        self.store.verified(d)
     }
 }

@@ -1,8 +1,8 @@
 //! Steps, keys and plans.
 //!
 //! A step is a kind, canonical parameters and the keys of its input steps. Its key is the
-//! blake3 hash of those together with the kind's code version, so a step is a pure function
-//! of its key: the same key always names the same computation, and a key present in the
+//! blake3 hash of those together with the digest of the code that computes it (`build.rs`)
+//! and the backend, so a step is a pure function of its key: the same key always names the same computation, and a key present in the
 //! store is never recomputed.
 
 pub mod exec;
@@ -53,20 +53,41 @@ impl Kind {
         }
     }
 
-    /// Bumped whenever the kind's computation changes, so old artefacts are not reused.
-    pub fn version(self) -> u32 {
-        match self {
-            Kind::Dataset => crate::data::DATASET_VERSION,
-            Kind::Poison => crate::attacks::POISON_VERSION,
-            Kind::Stegastamp => crate::attacks::issba::STEGASTAMP_VERSION,
-            Kind::Pretrain => crate::train::PRETRAIN_VERSION,
-            Kind::Import => crate::models::import::IMPORT_VERSION,
-            Kind::Stage1 => crate::defences::ieu::STAGE1_VERSION,
-            Kind::Isolate => crate::defences::abl::ISOLATE_VERSION,
-            Kind::Finetune => crate::defences::FINETUNE_VERSION,
-            Kind::Evaluate => crate::metrics::EVALUATE_VERSION,
-        }
+    /// Whether the step's numbers depend on the compute backend (everything that runs a
+    /// model, or may: the dataset step only decodes and splits).
+    pub fn uses_backend(self) -> bool {
+        !matches!(self, Kind::Dataset)
     }
+}
+
+/// Code identities computed from the source by `build.rs`.
+pub mod code {
+    include!(concat!(env!("OUT_DIR"), "/code_identity.rs"));
+}
+
+/// Which code identity computes a step: the kind's, or for `finetune` the defence's.
+pub fn identity_name(kind: Kind, params: &Value) -> String {
+    match kind {
+        Kind::Finetune => {
+            let d = params
+                .get("defence")
+                .and_then(|d| d.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            format!("finetune/{d}")
+        }
+        k => k.name().to_string(),
+    }
+}
+
+/// The blake3 digest of the code that computes a step (see `build.rs`).
+pub fn code_digest(kind: Kind, params: &Value) -> &'static str {
+    let name = identity_name(kind, params);
+    code::IDENTITIES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, d, _)| *d)
+        .unwrap_or_else(|| panic!("no code identity `{name}` (add it to build.rs ROOTS)"))
 }
 
 #[derive(Debug, Clone)]
@@ -136,13 +157,27 @@ pub fn canonical_json(v: &Value) -> String {
     }
 }
 
+/// The key: blake3 of the kind, the digest of its code, the backend (for kinds whose
+/// numbers depend on it), the canonical parameters and the input keys.
 pub fn step_key(kind: Kind, params: &Value, inputs: &BTreeMap<String, String>) -> String {
-    let doc = serde_json::json!({
+    step_key_with(kind, code_digest(kind, params), params, inputs)
+}
+
+pub fn step_key_with(
+    kind: Kind,
+    code: &str,
+    params: &Value,
+    inputs: &BTreeMap<String, String>,
+) -> String {
+    let mut doc = serde_json::json!({
         "kind": kind.name(),
-        "kind_version": kind.version(),
+        "code": code,
         "params": params,
         "inputs": inputs,
     });
+    if kind.uses_backend() {
+        doc["backend"] = Value::String(crate::backend_name().to_string());
+    }
     blake3::hash(canonical_json(&doc).as_bytes())
         .to_hex()
         .to_string()
@@ -178,6 +213,30 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Each step's key computed without code identity and backend: what the parameters and
+    /// the DAG's shape alone determine. Tests pin these to catch refactors that change what
+    /// a step is asked to compute (the real keys also move with every code change).
+    pub fn structural_keys(&self) -> BTreeMap<String, String> {
+        let mut out: BTreeMap<String, String> = BTreeMap::new();
+        for s in &self.steps {
+            let inputs: BTreeMap<String, String> = s
+                .inputs
+                .iter()
+                .map(|(r, k)| (r.clone(), out.get(k).cloned().unwrap_or_else(|| k.clone())))
+                .collect();
+            let doc = serde_json::json!({
+                "kind": s.kind.name(),
+                "params": s.params,
+                "inputs": inputs,
+            });
+            let key = blake3::hash(canonical_json(&doc).as_bytes())
+                .to_hex()
+                .to_string();
+            out.insert(s.key.clone(), key);
+        }
+        out
+    }
+
     /// Adds a step unless an identical one is already planned; returns its key.
     pub fn add(&mut self, step: Step) -> String {
         let key = step.key.clone();

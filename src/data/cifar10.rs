@@ -67,21 +67,33 @@ pub fn find(data_dir: Option<&Path>) -> Result<PathBuf> {
 pub fn digest(dir: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
     for f in FILES {
-        let d = crate::store::digest_file(&dir.join(f))?;
+        let d = crate::store::stat_cache::digest(&dir.join(f))?;
         h.update(f.as_bytes());
-        h.update(d.blake3.as_bytes());
+        h.update(d.as_bytes());
     }
     Ok(h.finalize().to_hex().to_string())
 }
 
-fn read_batch(path: &Path, into: &mut ImageSet) -> Result<()> {
+/// Records in each official batch file.
+pub const RECORDS_PER_BATCH: usize = 10_000;
+
+fn read_batch(path: &Path, into: &mut ImageSet, records: usize) -> Result<()> {
     let bytes =
         std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+    // The official layout: 10 000 records per batch file; a file cut short on a record
+    // boundary must not silently shrink the dataset.
+    if bytes.len() != records * RECORD {
         bail!(
-            "{} is not a CIFAR-10 batch: {} bytes is not a multiple of the {RECORD}-byte record",
+            "{} is not an official CIFAR-10 batch: {} bytes ({} records{}), expected {} bytes ({records} records of {RECORD} bytes); the file is truncated or damaged",
             path.display(),
-            bytes.len()
+            bytes.len(),
+            bytes.len() / RECORD,
+            if bytes.len() % RECORD == 0 {
+                ""
+            } else {
+                " and a partial one"
+            },
+            records * RECORD
         );
     }
     for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
@@ -98,12 +110,17 @@ fn read_batch(path: &Path, into: &mut ImageSet) -> Result<()> {
 }
 
 pub fn load(dir: &Path) -> Result<RawSplits> {
+    load_records(dir, RECORDS_PER_BATCH)
+}
+
+/// [`load`] with `records` records expected in every batch file.
+fn load_records(dir: &Path, records: usize) -> Result<RawSplits> {
     let mut train = ImageSet::new(32);
     for f in &FILES[..5] {
-        read_batch(&dir.join(f), &mut train)?;
+        read_batch(&dir.join(f), &mut train, records)?;
     }
     let mut test = ImageSet::new(32);
-    read_batch(&dir.join(FILES[5]), &mut test)?;
+    read_batch(&dir.join(FILES[5]), &mut test, records)?;
     let classes = match std::fs::read_to_string(dir.join("batches.meta.txt")) {
         Ok(t) => {
             let names: Vec<String> = t
@@ -154,7 +171,7 @@ mod tests {
         }
         let found = find(Some(dir.path())).unwrap();
         let e = load(&found).err().unwrap().to_string();
-        assert!(e.contains("not a CIFAR-10 batch"), "{e}");
+        assert!(e.contains("not an official CIFAR-10 batch"), "{e}");
     }
 
     #[test]
@@ -167,8 +184,14 @@ mod tests {
         for f in FILES {
             std::fs::write(dir.path().join(f), &rec).unwrap();
         }
-        let raw = load(dir.path()).unwrap();
+        let raw = load_records(dir.path(), 1).unwrap();
         assert_eq!(raw.train.len(), 5);
+        // Cut short on a record boundary: an error, not a smaller dataset.
+        let e = load_records(dir.path(), 2).err().unwrap().to_string();
+        assert!(
+            e.contains("truncated") && e.contains("data_batch_1.bin"),
+            "{e}"
+        );
         assert_eq!(raw.train.labels[0], 7);
         assert_eq!(raw.train.image(0)[0], 200);
         assert_eq!(raw.train.image(0)[1024], 100);

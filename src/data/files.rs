@@ -7,7 +7,6 @@
 //! `transforms.Resize((s, s))` does): bilinear when shrinking (the reference resizes GTSRB
 //! to 32² with PIL's bilinear), Catmull-Rom (bicubic) when enlarging.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -36,11 +35,12 @@ pub struct FileSplits {
 }
 
 impl FileSplits {
-    /// blake3 over every label file and image file (relative path and content), in order,
-    /// so the dataset step's key changes whenever a file that is read changes.
+    /// blake3 over every label file and image file (relative path and content digest), in
+    /// order, so the dataset step's key changes whenever a file that is read changes. File
+    /// digests come from the store's stat cache when a file is unchanged
+    /// ([`crate::store::stat_cache`]).
     pub fn digest(&self) -> Result<String> {
         let mut h = blake3::Hasher::new();
-        let mut buf = Vec::new();
         let files = self
             .label_files
             .iter()
@@ -50,14 +50,11 @@ impl FileSplits {
             let rel = path.strip_prefix(&self.root).unwrap_or(path);
             h.update(rel.to_string_lossy().as_bytes());
             h.update(&[0]);
-            buf.clear();
-            std::fs::File::open(path)
-                .and_then(|mut f| f.read_to_end(&mut buf))
+            let d = crate::store::stat_cache::digest(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            h.update(&(buf.len() as u64).to_le_bytes());
-            h.update(&buf);
+            h.update(d.as_bytes());
             if (i + 1) % 20_000 == 0 {
-                tracing::info!("    hashed {} files of {}", i + 1, self.root.display());
+                tracing::debug!("    hashed {} files of {}", i + 1, self.root.display());
             }
         }
         Ok(h.finalize().to_hex().to_string())

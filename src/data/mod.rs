@@ -155,8 +155,6 @@ pub struct DatasetParams {
     pub source_digest: Option<String>,
 }
 
-pub const DATASET_VERSION: u32 = 1;
-
 /// How a dataset is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

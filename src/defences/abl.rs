@@ -29,8 +29,6 @@ use crate::train::{
     rng_for, train_supervised, views,
 };
 
-pub const ISOLATE_VERSION: u32 = 1;
-
 /// ABL settings of a spec (`defaults.abl`, or a variant's `abl:`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -178,6 +176,35 @@ pub fn run_isolate_step(
     };
     crate::store::write_json(&out.join("isolation.json"), &iso)?;
     Ok(gate)
+}
+
+/// The `finetune` step with `defence: abl` (unlearning on the isolation step's model).
+pub fn run(
+    p: &super::FinetuneParams,
+    inputs: &super::FinetuneInputs,
+    out: &Path,
+    device: &Device,
+) -> Result<()> {
+    let super::DefenceParams::Abl {
+        unlearn_lr,
+        unlearn_epochs,
+    } = &p.defence
+    else {
+        bail!("abl::run called for defence {:?}", p.defence)
+    };
+    let Some(isolate) = inputs.isolate else {
+        bail!("abl unlearning needs the isolation step")
+    };
+    run_unlearn(
+        p,
+        *unlearn_lr,
+        *unlearn_epochs,
+        inputs.dataset,
+        inputs.poison,
+        isolate,
+        out,
+        device,
+    )
 }
 
 /// ABL's unlearning phase on the isolation step's model: gradient ascent on the isolated

@@ -351,6 +351,22 @@ pub struct IbauStats {
     pub clean_test_images_used: usize,
 }
 
+/// The `finetune` step with `defence: ibau` (I-BAU on the no-defence model).
+pub fn run_step(
+    p: &super::FinetuneParams,
+    inputs: &super::FinetuneInputs,
+    out: &Path,
+    device: &Device,
+) -> Result<()> {
+    let super::DefenceParams::Ibau(ip) = &p.defence else {
+        bail!("ibau::run_step called for defence {:?}", p.defence)
+    };
+    let Some(backdoored) = inputs.backdoored else {
+        bail!("i-bau needs the backdoored (no-defence) model")
+    };
+    run(ip, p.seed, inputs.dataset, backdoored, out, device)
+}
+
 /// Runs I-BAU on the backdoored model in `backdoored`; writes the unlearned model.
 pub fn run(
     p: &IbauParams,

@@ -35,8 +35,6 @@ use crate::train::{
     labels, rng_for, train_supervised, views,
 };
 
-pub const STAGE1_VERSION: u32 = 1;
-
 pub use crate::train::LossKind as Stage1Loss;
 
 /// How the unlearning rate lr_ul is derived from lr_tune.
@@ -449,6 +447,31 @@ pub struct Stage2Stats {
     pub unlearn_steps: usize,
     pub unlearn_losses: Vec<f64>,
     pub unlearn_scales: Vec<f64>,
+}
+
+/// The `finetune` step with `defence: ieu` (stage 2 on the stage-1 f_p).
+pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
+    let super::DefenceParams::Ieu {
+        c_thresh,
+        selection,
+        logit_masking,
+        unlearn_rate,
+        gate_noise_std,
+    } = &p.defence
+    else {
+        bail!("ieu::run called for defence {:?}", p.defence)
+    };
+    let Some(stage1) = inputs.stage1 else {
+        bail!("ieu finetuning needs the stage-1 poisoned module")
+    };
+    let settings = Stage2Settings {
+        c_thresh: *c_thresh,
+        selection: selection.clone(),
+        logit_masking: *logit_masking,
+        unlearn_rate: unlearn_rate.clone(),
+        gate_noise_std: *gate_noise_std,
+    };
+    run_stage2(p, &settings, inputs, stage1, out, device)
 }
 
 /// Stage 2 (Algorithm 1).

@@ -14,14 +14,12 @@ pub mod none;
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{FinetuneSchedule, Scale, Views};
 use crate::train::View;
-
-pub const FINETUNE_VERSION: u32 = 1;
 
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
@@ -107,6 +105,9 @@ pub struct FinetuneInputs<'a> {
 
 /// Runs the `finetune` step: writes the defended f_r (`model.safetensors`, `config.json`)
 /// and `train_stats.json` (losses, and for IEU the gate and unlearning statistics).
+///
+/// Pure dispatch: each arm hands the step to its defence's `run`, whose code (and nothing
+/// of the other defences) is the step's code identity (build.rs). Keep arithmetic out.
 pub fn run_finetune_step(
     p: &FinetuneParams,
     inputs: &FinetuneInputs,
@@ -115,48 +116,8 @@ pub fn run_finetune_step(
 ) -> Result<()> {
     match &p.defence {
         DefenceParams::None => none::run(p, inputs, out, device),
-        DefenceParams::Ieu {
-            c_thresh,
-            selection,
-            logit_masking,
-            unlearn_rate,
-            gate_noise_std,
-        } => {
-            let Some(stage1) = inputs.stage1 else {
-                bail!("ieu finetuning needs the stage-1 poisoned module")
-            };
-            let settings = ieu::Stage2Settings {
-                c_thresh: *c_thresh,
-                selection: selection.clone(),
-                logit_masking: *logit_masking,
-                unlearn_rate: unlearn_rate.clone(),
-                gate_noise_std: *gate_noise_std,
-            };
-            ieu::run_stage2(p, &settings, inputs, stage1, out, device)
-        }
-        DefenceParams::Abl {
-            unlearn_lr,
-            unlearn_epochs,
-        } => {
-            let Some(isolate) = inputs.isolate else {
-                bail!("abl unlearning needs the isolation step")
-            };
-            abl::run_unlearn(
-                p,
-                *unlearn_lr,
-                *unlearn_epochs,
-                inputs.dataset,
-                inputs.poison,
-                isolate,
-                out,
-                device,
-            )
-        }
-        DefenceParams::Ibau(ip) => {
-            let Some(backdoored) = inputs.backdoored else {
-                bail!("i-bau needs the backdoored (no-defence) model")
-            };
-            ibau::run(ip, p.seed, inputs.dataset, backdoored, out, device)
-        }
+        DefenceParams::Ieu { .. } => ieu::run(p, inputs, out, device),
+        DefenceParams::Abl { .. } => abl::run(p, inputs, out, device),
+        DefenceParams::Ibau(_) => ibau::run_step(p, inputs, out, device),
     }
 }

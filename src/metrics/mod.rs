@@ -10,8 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::ImageSet;
 
-pub const EVALUATE_VERSION: u32 = 1;
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalParams {
     pub batch_size: usize,

@@ -38,8 +38,6 @@ use serde::{Deserialize, Serialize};
 use super::{Named, VitConfig};
 use crate::spec::ModelDims;
 
-pub const IMPORT_VERSION: u32 = 1;
-
 /// Keys looked into, in order, when a `.pth` file's top level holds no tensors.
 pub const NESTED_KEYS: &[&str] = &[
     "teacher",

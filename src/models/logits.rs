@@ -62,10 +62,10 @@ pub fn run(
     }
     let size = inf.grid * inf.patch_size;
     let (shape, x) = input;
-    if shape.len() != 4 || shape[1] != 3 || shape[2] != size || shape[3] != size {
+    if shape.len() != 4 || shape[0] == 0 || shape[1] != 3 || shape[2] != size || shape[3] != size {
         bail!(
-            "input: expected a float32 array [B, 3, {size}, {size}] (the checkpoint's image \
-             size), found {shape:?}"
+            "input: expected a float32 array [B, 3, {size}, {size}] with B ≥ 1 (the \
+             checkpoint's image size), found {shape:?}"
         );
     }
     let config = VitConfig {
@@ -130,7 +130,7 @@ pub fn write_npy(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
         .begin_nd()?;
     w.extend(values.iter().copied())?;
     w.finish()?;
-    crate::store::write_synced(path, &bytes)
+    crate::store::write_atomic(path, &bytes)
 }
 
 #[cfg(test)]

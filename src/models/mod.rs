@@ -79,7 +79,7 @@ pub fn write_named(
         .iter()
         .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<_>>()?;
-    crate::store::write_synced(path, &safetensors::serialize(views, metadata)?)
+    crate::store::write_atomic(path, &safetensors::serialize(views, metadata)?)
 }
 
 /// The values of an F32 safetensors view.

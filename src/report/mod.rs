@@ -34,8 +34,10 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
         at.push(cell.attack.clone());
         de.push(cell.defence.clone());
         keys.push(cell.evaluate.clone());
+        // Verified read: a metrics file that does not match its manifest is an error (and
+        // quarantined), never a number in a table.
         let m = if store.contains(&cell.evaluate) {
-            Some(Metrics::load(&store.object_dir(&cell.evaluate))?)
+            Some(Metrics::load(&store.verified(&cell.evaluate)?)?)
         } else {
             None
         };

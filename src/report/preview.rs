@@ -256,7 +256,9 @@ pub fn write_preview(
             blit(&mut canvas, LABEL_W + c as u32 * (CELL + 8), y, img, size);
         }
     }
+    let mut png = std::io::Cursor::new(Vec::new());
     canvas
-        .save(out)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| anyhow::anyhow!("cannot encode {}: {e}", out.display()))?;
+    crate::store::write_atomic(out, &png.into_inner())
 }

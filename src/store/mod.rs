@@ -2,21 +2,37 @@
 //!
 //! Layout under the store root:
 //! - `objects/<key>/` — one published step: its output files plus `manifest.json`;
-//! - `tmp/` — staging directories of steps being computed.
+//! - `tmp/` — staging directories of steps being computed;
+//! - `locks/<key>.lock` — the per-key advisory lock held while a step is computed;
+//! - `quarantine/` — objects whose files no longer match their manifest, moved aside;
+//! - `cache/` — the data-file digest cache ([`stat_cache`]).
 //!
-//! Publishing is atomic: a step writes into a fresh staging directory under `tmp/`, every
-//! file is fsynced, the manifest is written last, and the directory is renamed into
-//! `objects/`. A killed run leaves at most a stale staging directory, never an object
-//! that looks complete. An object exists if and only if its directory exists under `objects/`.
-//! Staging directories are named `stage-<host>-<pid>-…`; [`Store::sweep_stale`] (run at the
-//! start of `run`) removes those of this host whose process no longer exists.
+//! **Atomic writes.** A step writes into a fresh staging directory under `tmp/`, every file
+//! is fsynced, the manifest is written last, and the directory is renamed into `objects/`.
+//! A killed run leaves at most a stale staging directory, never an object that looks
+//! complete: an object exists if and only if its directory exists under `objects/`.
+//!
+//! **Verified reads.** [`Store::verified`] re-hashes an object's files against its manifest
+//! (once per object per process) before anything uses them. A mismatch moves the object to
+//! `quarantine/` and is an error naming the step, the file and both digests; `run` then
+//! recomputes the step.
+//!
+//! **One computation per key.** [`Store::try_lock`] takes an exclusive advisory lock
+//! (`flock`, through `std::fs::File::try_lock`) on `locks/<key>.lock`; the operating system
+//! releases it when the holder exits or is killed, so a dead run never blocks anyone. A
+//! staging directory is named after the key it computes and is only ever created under that
+//! key's lock, so [`Store::sweep_stale`] removes exactly the staging directories whose lock
+//! it can take: their owner is gone, on this host or any other that shares the store.
 
-use std::collections::BTreeMap;
+pub mod stat_cache;
+
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 /// File name of the manifest inside an object directory.
@@ -35,8 +51,15 @@ pub struct Manifest {
     pub key: String,
     pub kind: String,
     pub label: String,
-    /// Per-kind code version that entered the key.
-    pub kind_version: u32,
+    /// The code identity that computed it (`finetune/ieu`, …; see build.rs) and its digest;
+    /// both entered the key.
+    #[serde(default)]
+    pub code_identity: String,
+    #[serde(default)]
+    pub code: String,
+    /// Locked versions of the crates that do the arithmetic (part of `code`).
+    #[serde(default)]
+    pub dependencies: String,
     /// Version of ieu-bench that computed the step.
     pub tool_version: String,
     pub params: serde_json::Value,
@@ -45,7 +68,13 @@ pub struct Manifest {
     /// Output file name -> digest.
     pub outputs: BTreeMap<String, OutputDigest>,
     pub duration_s: f64,
+    /// Compute backend; part of the key for every kind but `dataset`.
     pub backend: String,
+    /// Host and process that computed it.
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub pid: u32,
     pub created: String,
 }
 
@@ -60,6 +89,37 @@ impl Staging {
     }
 }
 
+/// The exclusive lock on one key; released when dropped (or when the process dies).
+pub struct KeyLock {
+    key: String,
+    _file: File,
+}
+
+impl KeyLock {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// A stored object whose files do not match its manifest (it has been quarantined).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Damaged(pub String);
+
+/// One object of the store, for `ls`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub key: String,
+    pub kind: String,
+    pub label: String,
+    pub bytes: u64,
+    pub created: String,
+    pub backend: String,
+}
+
+/// Object directories verified by this process (each is hashed once).
+static VERIFIED: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
@@ -68,7 +128,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) a store rooted at `root`.
     pub fn open(root: &Path) -> Result<Self> {
-        for sub in ["objects", "tmp"] {
+        for sub in ["objects", "tmp", "locks"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create store directory {}", dir.display()))?;
@@ -76,6 +136,17 @@ impl Store {
         Ok(Self {
             root: root.to_path_buf(),
         })
+    }
+
+    /// Opens a store that must exist already (commands that only read never create one).
+    pub fn open_existing(root: &Path) -> Result<Self> {
+        if !root.join("objects").is_dir() {
+            bail!(
+                "no store at {} (pass --store or set IEU_STORE; `ieu-bench run` creates one)",
+                root.display()
+            );
+        }
+        Self::open(root)
     }
 
     pub fn root(&self) -> &Path {
@@ -86,13 +157,56 @@ impl Store {
         self.root.join("objects").join(key)
     }
 
+    /// Whether an object is published under `key` (not whether it is intact: see
+    /// [`Store::verified`]).
     pub fn contains(&self, key: &str) -> bool {
         self.object_dir(key).join(MANIFEST).is_file()
     }
 
-    /// A fresh, empty staging directory for computing a step.
-    pub fn stage(&self) -> Result<Staging> {
-        let prefix = format!("stage-{}-{}-", host_name(), std::process::id());
+    fn lock_file(&self, key: &str) -> Result<File> {
+        let path = self.root.join("locks").join(format!("{key}.lock"));
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open lock {}", path.display()))
+    }
+
+    /// Takes `key`'s lock if no other process (or thread) holds it.
+    pub fn try_lock(&self, key: &str) -> Result<Option<KeyLock>> {
+        let file = self.lock_file(key)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(KeyLock {
+                key: key.to_string(),
+                _file: file,
+            })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock key {key} in {}", self.root.display()))
+            }
+        }
+    }
+
+    /// Waits for `key`'s lock.
+    pub fn lock(&self, key: &str) -> Result<KeyLock> {
+        let file = self.lock_file(key)?;
+        file.lock()
+            .with_context(|| format!("cannot lock key {key} in {}", self.root.display()))?;
+        Ok(KeyLock {
+            key: key.to_string(),
+            _file: file,
+        })
+    }
+
+    /// A fresh, empty staging directory for computing the locked key.
+    pub fn stage(&self, lock: &KeyLock) -> Result<Staging> {
+        let prefix = format!(
+            "stage-{}-{}-{}-",
+            lock.key(),
+            host_name(),
+            std::process::id()
+        );
         let dir = tempfile::Builder::new()
             .prefix(&prefix)
             .tempdir_in(self.root.join("tmp"))
@@ -100,36 +214,43 @@ impl Store {
         Ok(Staging { dir })
     }
 
-    /// Removes staging directories left by killed runs on this host (their process is
-    /// gone); returns how many. Directories of other hosts, of live processes, or named
-    /// otherwise are left alone. Needs `/proc` (Linux); elsewhere it removes nothing.
+    /// Removes staging directories left by runs that died; returns how many. A staging
+    /// directory is named after its key and exists only while that key's lock is held, so
+    /// one whose lock can be taken has no live owner, whichever host it was on. (Directories
+    /// of older versions, `stage-<host>-<pid>-…`, are removed when that pid is gone from
+    /// this host.)
     pub fn sweep_stale(&self) -> Result<usize> {
-        let host = host_name();
-        if host == "unknown" || !Path::new("/proc/self").exists() {
-            return Ok(0);
-        }
         let mut removed = 0;
         for entry in fs::read_dir(self.root.join("tmp"))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(&format!("stage-{host}-")) else {
+            let Some(rest) = name.strip_prefix("stage-") else {
                 continue;
             };
-            let Some(Ok(pid)) = rest.split('-').next().map(str::parse::<u32>) else {
-                continue;
+            let key = rest.split('-').next().unwrap_or("");
+            let stale = if key.len() == 64 && key.chars().all(|c| c.is_ascii_hexdigit()) {
+                match self.try_lock(key)? {
+                    Some(lock) => {
+                        remove_staging(&entry.path())?;
+                        drop(lock);
+                        removed += 1;
+                        continue;
+                    }
+                    None => false,
+                }
+            } else {
+                legacy_stale(rest)
             };
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                fs::remove_dir_all(entry.path()).with_context(|| {
-                    format!("cannot remove stale staging {}", entry.path().display())
-                })?;
+            if stale {
+                remove_staging(&entry.path())?;
                 removed += 1;
             }
         }
         Ok(removed)
     }
 
-    /// Publishes a staged step under `manifest.key`: digests and fsyncs every output,
-    /// writes the manifest, then renames the directory into place.
+    /// Publishes a staged step under `manifest.key` (whose lock the caller holds): digests
+    /// and fsyncs every output, writes the manifest, then renames the directory into place.
     pub fn publish(&self, staging: Staging, mut manifest: Manifest) -> Result<Manifest> {
         let src = staging.path().to_path_buf();
         manifest.outputs = digest_dir(&src)?;
@@ -141,7 +262,7 @@ impl Store {
         match fs::rename(&kept, &dst) {
             Ok(()) => {}
             Err(_) if dst.join(MANIFEST).is_file() => {
-                // Another run published the same key first; the content is equivalent.
+                // Published meanwhile by a run that did not take the lock (an older version).
                 let _ = fs::remove_dir_all(&kept);
             }
             Err(e) => {
@@ -150,6 +271,7 @@ impl Store {
             }
         }
         sync_dir(&self.root.join("objects"))?;
+        mark_verified(&dst);
         Ok(manifest)
     }
 
@@ -166,16 +288,11 @@ impl Store {
             bail!("'{prefix}' is not a step hash (give at least 4 hex digits)");
         }
         let prefix = prefix.to_ascii_lowercase();
-        let mut found = Vec::new();
-        let objects = self.root.join("objects");
-        for entry in
-            fs::read_dir(&objects).with_context(|| format!("cannot read {}", objects.display()))?
-        {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&prefix) {
-                found.push(name);
-            }
-        }
+        let mut found: Vec<String> = self
+            .keys()?
+            .into_iter()
+            .filter(|k| k.starts_with(&prefix))
+            .collect();
         match found.len() {
             0 => bail!(
                 "no artefact with hash {prefix} in store {}",
@@ -186,17 +303,178 @@ impl Store {
         }
     }
 
-    /// Verifies every output of an object against its manifest.
-    pub fn verify(&self, key: &str) -> Result<()> {
-        let m = self.manifest(key)?;
+    /// Keys of every published object.
+    pub fn keys(&self) -> Result<Vec<String>> {
+        let objects = self.root.join("objects");
+        let mut keys = Vec::new();
+        for entry in
+            fs::read_dir(&objects).with_context(|| format!("cannot read {}", objects.display()))?
+        {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            keys.push(name);
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Checks every file of an object against its manifest, now (no per-process memo).
+    /// `Err` describes the first mismatch; the object is left where it is.
+    fn check(&self, key: &str) -> Result<Manifest, String> {
         let dir = self.object_dir(key);
-        for (name, d) in &m.outputs {
-            let got = digest_file(&dir.join(name))?;
-            if &got != d {
-                bail!("artefact {key}: output {name} does not match its manifest digest");
+        let path = dir.join(MANIFEST);
+        let text =
+            fs::read_to_string(&path).map_err(|e| format!("cannot read its manifest: {e}"))?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| format!("its manifest does not parse: {e}"))?;
+        if m.key != key {
+            return Err(format!("its manifest names another key, {}", m.key));
+        }
+        for (name, want) in &m.outputs {
+            let got = digest_file(&dir.join(name)).map_err(|e| format!("file {name}: {e:#}"))?;
+            if &got != want {
+                return Err(format!(
+                    "file {name} has blake3 {} ({} bytes), its manifest says {} ({} bytes)",
+                    got.blake3, got.bytes, want.blake3, want.bytes
+                ));
             }
         }
-        Ok(())
+        Ok(m)
+    }
+
+    /// Moves a damaged object out of `objects/` into `quarantine/`; returns where it went.
+    pub fn quarantine(&self, key: &str, reason: &str) -> Result<PathBuf> {
+        let qdir = self.root.join("quarantine");
+        fs::create_dir_all(&qdir)?;
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+        let dst = qdir.join(format!("{key}-{stamp}-{}", std::process::id()));
+        match fs::rename(self.object_dir(key), &dst) {
+            Ok(()) => {}
+            // Another process quarantined it first.
+            Err(_) if !self.object_dir(key).exists() => return Ok(qdir),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot quarantine artefact {key}"));
+            }
+        }
+        let _ = fs::write(dst.join("QUARANTINED.txt"), format!("{reason}\n"));
+        forget_verified(&self.object_dir(key));
+        Ok(dst)
+    }
+
+    /// The object's directory once every file has been checked against the manifest (once
+    /// per process). A damaged object is quarantined and the error names the step, the file
+    /// and both digests (a [`Damaged`] error).
+    pub fn verified(&self, key: &str) -> Result<PathBuf> {
+        let dir = self.object_dir(key);
+        if is_verified(&dir) {
+            return Ok(dir);
+        }
+        if !dir.join(MANIFEST).is_file() {
+            bail!("no artefact {key} in store {}", self.root.display());
+        }
+        match self.check(key) {
+            Ok(_) => {
+                mark_verified(&dir);
+                Ok(dir)
+            }
+            Err(why) => Err(self.damaged(key, &why)),
+        }
+    }
+
+    fn damaged(&self, key: &str, why: &str) -> anyhow::Error {
+        let label = self
+            .manifest(key)
+            .map(|m| format!("{} '{}'", m.kind, m.label))
+            .unwrap_or_else(|_| "step".into());
+        let msg = format!("stored {label} ({key}) is damaged: {why}");
+        match self.quarantine(key, &msg) {
+            Ok(dst) => anyhow!(Damaged(format!(
+                "{msg}; moved to {} (never used; `ieu-bench run` recomputes it)",
+                dst.display()
+            ))),
+            Err(e) => anyhow!(Damaged(format!("{msg}; and {e:#}"))),
+        }
+    }
+
+    /// Re-hashes every file of an object now, quarantining it when damaged.
+    pub fn verify(&self, key: &str) -> Result<Manifest> {
+        match self.check(key) {
+            Ok(m) => {
+                mark_verified(&self.object_dir(key));
+                Ok(m)
+            }
+            Err(why) => Err(self.damaged(key, &why)),
+        }
+    }
+
+    /// What the store holds, oldest first.
+    pub fn list(&self) -> Result<Vec<Listing>> {
+        let mut out = Vec::new();
+        for key in self.keys()? {
+            let listing = match self.manifest(&key) {
+                Ok(m) => Listing {
+                    bytes: m.outputs.values().map(|d| d.bytes).sum(),
+                    key,
+                    kind: m.kind,
+                    label: m.label,
+                    created: m.created,
+                    backend: m.backend,
+                },
+                Err(_) => Listing {
+                    key,
+                    kind: "?".into(),
+                    label: "(no readable manifest)".into(),
+                    bytes: 0,
+                    created: String::new(),
+                    backend: String::new(),
+                },
+            };
+            out.push(listing);
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.key.cmp(&b.key)));
+        Ok(out)
+    }
+}
+
+fn is_verified(dir: &Path) -> bool {
+    VERIFIED
+        .lock()
+        .unwrap()
+        .as_ref()
+        .is_some_and(|s| s.contains(dir))
+}
+
+fn mark_verified(dir: &Path) {
+    VERIFIED
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashSet::new)
+        .insert(dir.to_path_buf());
+}
+
+fn forget_verified(dir: &Path) {
+    if let Some(s) = VERIFIED.lock().unwrap().as_mut() {
+        s.remove(dir);
+    }
+}
+
+fn remove_staging(path: &Path) -> Result<()> {
+    fs::remove_dir_all(path)
+        .with_context(|| format!("cannot remove stale staging {}", path.display()))
+}
+
+/// Staging directories of older versions, `stage-<host>-<pid>-…`: stale when they are of
+/// this host and the pid is gone.
+fn legacy_stale(rest: &str) -> bool {
+    let host = host_name();
+    if host == "unknown" || !Path::new("/proc/self").exists() {
+        return false;
+    }
+    let Some(rest) = rest.strip_prefix(&format!("{host}-")) else {
+        return false;
+    };
+    match rest.split('-').next().map(str::parse::<u32>) {
+        Some(Ok(pid)) => !Path::new(&format!("/proc/{pid}")).exists(),
+        _ => false,
     }
 }
 
@@ -241,10 +519,8 @@ fn digest_dir(dir: &Path) -> Result<BTreeMap<String, OutputDigest>> {
     Ok(out)
 }
 
-/// Writes a file and fsyncs it.
-/// Writes `value` as pretty JSON with [`write_synced`].
 /// This machine's host name (`-` and `/` replaced), or `unknown`.
-fn host_name() -> String {
+pub fn host_name() -> String {
     let name = fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())
@@ -255,10 +531,37 @@ fn host_name() -> String {
     name.replace(['-', '/', '.'], "_")
 }
 
+/// Writes `value` as pretty JSON with [`write_synced`].
 pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     write_synced(path, serde_json::to_string_pretty(value)?.as_bytes())
 }
 
+/// Writes a file outside the store atomically: a temporary file beside it, fsynced, then
+/// renamed over `path`. On any error (a full disk) `path` is untouched and no partial file
+/// is left.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes).map_err(Into::into))
+}
+
+/// [`write_atomic`] with a writer callback.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ieu-bench-")
+        .tempfile_in(&parent)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    write(tmp.as_file_mut())
+        .and_then(|_| tmp.as_file().sync_all().map_err(Into::into))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error))?;
+    Ok(())
+}
+
+/// Writes a file and fsyncs it.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(bytes)?;
@@ -283,15 +586,28 @@ mod tests {
             key: key.into(),
             kind: "test".into(),
             label: "t".into(),
-            kind_version: 1,
+            code_identity: "test".into(),
+            code: "c".into(),
+            dependencies: String::new(),
             tool_version: "0".into(),
             params: serde_json::json!({}),
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
             duration_s: 0.0,
             backend: "none".into(),
+            host: host_name(),
+            pid: std::process::id(),
             created: "now".into(),
         }
+    }
+
+    fn publish(store: &Store, key: &str, files: &[(&str, &[u8])]) {
+        let lock = store.try_lock(key).unwrap().unwrap();
+        let st = store.stage(&lock).unwrap();
+        for (name, bytes) in files {
+            fs::write(st.path().join(name), bytes).unwrap();
+        }
+        store.publish(st, manifest(key)).unwrap();
     }
 
     #[test]
@@ -299,13 +615,14 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();
         let key = "ab".repeat(32);
-        let st = store.stage().unwrap();
+        let lock = store.try_lock(&key).unwrap().unwrap();
+        let st = store.stage(&lock).unwrap();
         fs::write(st.path().join("a.txt"), b"hello").unwrap();
         assert!(!store.contains(&key), "a staged step must not be visible");
-        drop(st); // a killed step: staging vanishes, nothing published
+        drop(st); // a failed step: staging vanishes, nothing published
         assert!(!store.contains(&key));
 
-        let st = store.stage().unwrap();
+        let st = store.stage(&lock).unwrap();
         fs::write(st.path().join("a.txt"), b"hello").unwrap();
         let m = store.publish(st, manifest(&key)).unwrap();
         assert!(store.contains(&key));
@@ -316,39 +633,95 @@ mod tests {
         );
         store.verify(&key).unwrap();
         assert_eq!(store.resolve(&key[..6]).unwrap(), key);
+    }
 
-        fs::write(store.object_dir(&key).join("a.txt"), b"tampered").unwrap();
+    #[test]
+    fn tampered_object_is_quarantined_with_both_digests() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let key = "cd".repeat(32);
+        publish(&store, &key, &[("metrics.json", br#"{"ca": 10.625}"#)]);
+        let good = blake3::hash(br#"{"ca": 10.625}"#).to_hex().to_string();
+        // A fresh store handle and a fresh verification (not the publish-time memo).
+        forget_verified(&store.object_dir(&key));
+        fs::write(
+            store.object_dir(&key).join("metrics.json"),
+            br#"{"ca": 90.625}"#,
+        )
+        .unwrap();
+        let bad = blake3::hash(br#"{"ca": 90.625}"#).to_hex().to_string();
+        let err = store.verified(&key).unwrap_err();
+        assert!(err.downcast_ref::<Damaged>().is_some());
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&key) && msg.contains("metrics.json"), "{msg}");
+        assert!(msg.contains(&good) && msg.contains(&bad), "{msg}");
+        assert!(!store.contains(&key), "a damaged object leaves objects/");
+        let q: Vec<_> = fs::read_dir(root.path().join("quarantine"))
+            .unwrap()
+            .collect();
+        assert_eq!(q.len(), 1);
+        // A missing output file is damage too.
+        let key2 = "ef".repeat(32);
+        publish(&store, &key2, &[("model.safetensors", b"weights")]);
+        fs::remove_file(store.object_dir(&key2).join("model.safetensors")).unwrap();
+        assert!(store.verify(&key2).is_err());
+        assert!(!store.contains(&key2));
+    }
+
+    #[test]
+    fn verified_hashes_an_object_once_per_process() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let key = "12".repeat(32);
+        publish(&store, &key, &[("x", b"1")]);
+        forget_verified(&store.object_dir(&key));
+        store.verified(&key).unwrap();
+        // Once verified, the memo answers (a later change is found by `verify`).
+        fs::write(store.object_dir(&key).join("x"), b"2").unwrap();
+        store.verified(&key).unwrap();
         assert!(store.verify(&key).is_err());
     }
 
     #[test]
-    fn sweep_removes_staging_of_dead_processes_only() {
+    fn a_key_lock_excludes_others_until_dropped() {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();
-        let live = store.stage().unwrap();
-        std::fs::write(live.path().join("x"), b"1").unwrap();
+        let key = "34".repeat(32);
+        let held = store.try_lock(&key).unwrap().expect("free lock");
+        // flock locks belong to open file descriptions: a second open is excluded even
+        // within one process, as another process would be.
+        assert!(store.try_lock(&key).unwrap().is_none());
+        drop(held);
+        assert!(store.try_lock(&key).unwrap().is_some());
+    }
+
+    #[test]
+    fn sweep_removes_staging_without_a_live_owner_only() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let live_key = "56".repeat(32);
+        let lock = store.try_lock(&live_key).unwrap().unwrap();
+        let live = store.stage(&lock).unwrap();
+        fs::write(live.path().join("x"), b"1").unwrap();
         let tmp = root.path().join("tmp");
+        // A run that died (any host): its key's lock is free.
+        let dead = tmp.join(format!("stage-{}-otherhost-1-abc", "78".repeat(32)));
+        // Pre-lock naming: judged by pid on this host only.
         let host = host_name();
-        // A process id above any pid_max: that run is certainly gone.
-        let dead = tmp.join(format!("stage-{host}-999999999-abc"));
+        let legacy_dead = tmp.join(format!("stage-{host}-999999999-abc"));
         let other_host = tmp.join("stage-elsewhere-999999999-abc");
-        for d in [&dead, &other_host] {
-            std::fs::create_dir_all(d).unwrap();
-            std::fs::write(d.join("model.safetensors"), b"half").unwrap();
+        for d in [&dead, &legacy_dead, &other_host] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join("model.safetensors"), b"half").unwrap();
         }
         let removed = store.sweep_stale().unwrap();
+        assert!(!dead.exists(), "a staging whose lock is free is stale");
+        assert!(live.path().join("x").exists(), "a locked staging stays");
+        assert!(other_host.exists(), "another host's legacy staging stays");
         if host != "unknown" && Path::new("/proc/self").exists() {
-            assert_eq!(removed, 1);
-            assert!(!dead.exists());
+            assert_eq!(removed, 2);
+            assert!(!legacy_dead.exists());
         }
-        assert!(
-            other_host.exists(),
-            "another host's staging is not ours to judge"
-        );
-        assert!(
-            live.path().join("x").exists(),
-            "this process's staging stays"
-        );
     }
 
     #[test]
@@ -369,5 +742,23 @@ mod tests {
                 .to_string()
                 .contains("no artefact")
         );
+        let missing = root.path().join("typo");
+        assert!(Store::open_existing(&missing).is_err());
+        assert!(
+            !missing.exists(),
+            "a read-only command never creates a store"
+        );
+    }
+
+    #[test]
+    fn atomic_write_leaves_the_old_file_on_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.md");
+        write_atomic(&path, b"old").unwrap();
+        let err = write_atomic_with(&path, |_| Err(anyhow!("disk full")));
+        assert!(err.is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        let leftovers = fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary file is left behind");
     }
 }

@@ -41,6 +41,9 @@ impl std::fmt::Display for BenchResult {
 /// Times forward + backward + AdamW step of the scale's f_r on its finetuning views
 /// (one row per image and view), after two warm-up steps.
 pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
+    if steps == 0 {
+        anyhow::bail!("--steps 0: give at least one timed step");
+    }
     let device = crate::default_device();
     let ad = device.clone().autodiff();
     let raw = synthetic::generate(0, scale.batch_size, 0, scale.image_size);

@@ -22,8 +22,6 @@ use crate::models::{Arch, Classifier, Net, NetConfig, VitConfig};
 use crate::progress::Progress;
 use crate::spec::{ModelDims, Scale};
 
-pub const PRETRAIN_VERSION: u32 = 1;
-
 /// Per-parameter gradient clipping (reference implementation: clip_grad 3.0).
 pub const CLIP_GRAD: f32 = 3.0;
 
