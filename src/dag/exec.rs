@@ -108,6 +108,26 @@ struct InputDamaged {
     why: String,
 }
 
+/// Testing aid: `IEU_INJECT_FAULT=panic:WHAT` (or `error:WHAT`) makes every step whose kind
+/// or label contains WHAT panic (or fail) when it starts, to exercise failure handling
+/// from the outside (the CLI tests use it).
+fn inject_fault(step: &Step) -> Result<()> {
+    let Ok(v) = std::env::var("IEU_INJECT_FAULT") else {
+        return Ok(());
+    };
+    let Some((how, what)) = v.split_once(':') else {
+        return Ok(());
+    };
+    if what.is_empty() || !(step.kind.name() == what || step.label.contains(what)) {
+        return Ok(());
+    }
+    match how {
+        "panic" => panic!("injected fault (IEU_INJECT_FAULT={v})"),
+        "error" => bail!("injected fault (IEU_INJECT_FAULT={v})"),
+        _ => Ok(()),
+    }
+}
+
 impl Executor {
     /// `jobs` steps run at once; each step is single-threaded and seeded, so the results do
     /// not depend on `jobs`.
@@ -406,6 +426,7 @@ impl Executor {
             }
         }
         let staging = self.store.stage(lock)?;
+        inject_fault(step)?;
         self.compute(step, staging.path(), device)?;
         let manifest = Manifest {
             key: step.key.clone(),

@@ -17,7 +17,7 @@ pub const FILES: [&str; 6] = [
     "test_batch.bin",
 ];
 const RECORD: usize = 1 + 3 * 32 * 32;
-const CLASSES: [&str; 10] = [
+pub const CLASSES: [&str; 10] = [
     "airplane",
     "automobile",
     "bird",

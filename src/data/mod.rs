@@ -210,9 +210,44 @@ fn index(fmt: Format, dir: &Path) -> Result<Option<files::FileSplits>> {
 
 /// Content digest of the files a dataset reads in `dir`.
 pub fn digest(fmt: Format, dir: &Path) -> Result<String> {
+    Ok(digest_and_classes(fmt, dir)?.0)
+}
+
+/// Content digest of the files a dataset reads in `dir`, and its number of classes.
+fn digest_and_classes(fmt: Format, dir: &Path) -> Result<(String, usize)> {
     match index(fmt, dir)? {
-        Some(files) => files.digest(),
-        None => cifar10::digest(dir),
+        Some(files) => Ok((files.digest()?, files.classes.len())),
+        None => Ok((cifar10::digest(dir)?, cifar10::CLASSES.len())),
+    }
+}
+
+/// A dataset found for planning: where it is, its content digest and its class count
+/// (`dir`/`digest` are `None` for generated data).
+pub struct Located {
+    pub found: Option<(PathBuf, String)>,
+    pub classes: usize,
+}
+
+/// [`locate`], also telling the number of classes (to check attack targets when planning).
+pub fn locate_with_classes(
+    name: &str,
+    format: Option<&str>,
+    data_dir: Option<&Path>,
+    root: Option<&Path>,
+) -> Result<Located> {
+    let fmt = Format::of(name, format)?;
+    match find(fmt, data_dir, root)? {
+        None => Ok(Located {
+            found: None,
+            classes: synthetic::CLASSES.len(),
+        }),
+        Some(dir) => {
+            let (d, classes) = digest_and_classes(fmt, &dir)?;
+            Ok(Located {
+                found: Some((dir, d)),
+                classes,
+            })
+        }
     }
 }
 
@@ -223,14 +258,7 @@ pub fn locate(
     data_dir: Option<&Path>,
     root: Option<&Path>,
 ) -> Result<Option<(PathBuf, String)>> {
-    let fmt = Format::of(name, format)?;
-    match find(fmt, data_dir, root)? {
-        None => Ok(None),
-        Some(dir) => {
-            let d = digest(fmt, &dir)?;
-            Ok(Some((dir, d)))
-        }
-    }
+    Ok(locate_with_classes(name, format, data_dir, root)?.found)
 }
 
 /// The test split of a built-in dataset at `size` (for previews).

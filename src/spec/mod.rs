@@ -552,6 +552,11 @@ pub const METRICS: &[&str] = &[
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scale {
+    /// The scale's name and the file it was read from (for errors; not hashed).
+    #[serde(skip)]
+    pub name: String,
+    #[serde(skip)]
+    pub origin: String,
     pub description: String,
     /// Side of the square images every dataset is resized to.
     pub image_size: usize,
@@ -807,6 +812,9 @@ pub fn load_scale(text: &str, origin: &str, name: &str) -> Result<Scale> {
             all.keys().cloned().collect::<Vec<_>>().join(", ")
         )
     })?;
+    let mut scale = scale;
+    scale.name = name.to_string();
+    scale.origin = origin.to_string();
     validate_scale(&scale, origin, name)?;
     Ok(scale)
 }
@@ -1085,8 +1093,46 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
             format!("{} does not divide dim {}", s.model.heads, s.model.dim),
         ));
     }
+    if s.model.dim == 0 {
+        return Err(f("model.dim", "must be at least 1".into()));
+    }
     if s.model.depth == 0 {
         return Err(f("model.depth", "must be at least 1".into()));
+    }
+    if s.model.mlp_ratio == 0 {
+        return Err(f("model.mlp_ratio", "must be at least 1".into()));
+    }
+    for (field, epochs, warmup) in [
+        ("pretrain", s.pretrain.epochs, s.pretrain.warmup_epochs),
+        ("stage1", s.stage1.epochs, s.stage1.warmup_epochs),
+        ("finetune", s.finetune.epochs, s.finetune.warmup_epochs),
+    ] {
+        if epochs == 0 {
+            return Err(f(&format!("{field}.epochs"), "must be at least 1".into()));
+        }
+        if warmup > epochs {
+            return Err(f(
+                &format!("{field}.warmup_epochs"),
+                format!("{warmup} is more than {field}.epochs ({epochs})"),
+            ));
+        }
+    }
+    for (field, min, max) in [
+        ("pretrain.min_lr", s.pretrain.min_lr, s.pretrain.lr),
+        ("finetune.min_lr", s.finetune.min_lr, s.finetune.lr),
+    ] {
+        if !(min >= 0.0 && min <= max) {
+            return Err(f(field, format!("{min} must be in [0, lr = {max}]")));
+        }
+    }
+    for (field, v) in [
+        ("pretrain.weight_decay", s.pretrain.weight_decay),
+        ("finetune.wd_start", s.finetune.wd_start),
+        ("finetune.wd_end", s.finetune.wd_end),
+    ] {
+        if !(v >= 0.0 && v.is_finite()) {
+            return Err(f(field, format!("{v} must be a number ≥ 0")));
+        }
     }
     if s.batch_size == 0 || s.eval_batch_size == 0 {
         return Err(f("batch_size", "must be positive".into()));
@@ -1125,7 +1171,73 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
     if s.data.tune == 0 && s.data.pretrain == 0 {
         return Err(f("data", "set explicit pretrain and tune sizes".into()));
     }
+    let est = memory_estimate(s);
+    if let Some(avail) = available_memory() {
+        if est.total() > avail {
+            return Err(f(
+                "image_size",
+                format!(
+                    "{} with this model and batch needs about {} of memory ({} for the images, {} for training a batch on the CPU), more than the {} available",
+                    s.image_size,
+                    gib(est.total()),
+                    gib(est.data),
+                    gib(est.training),
+                    gib(avail)
+                ),
+            ));
+        }
+    }
     Ok(())
+}
+
+/// Approximate peak memory of a scale's largest step.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryEstimate {
+    /// The images held as bytes (pretrain + tune + test; 60 000 where a size is "all").
+    pub data: u64,
+    /// Activations kept for the backward pass of one training batch (CPU backends).
+    pub training: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.data + self.training
+    }
+}
+
+/// Images as u8 plus a ViT's saved activations: per block and token, about
+/// (10 + 4·mlp_ratio)·dim floats (norms, q/k/v, projections, the MLP) and 3·heads·tokens
+/// for the attention maps, for every image of a batch (twice with the SiT views).
+pub fn memory_estimate(s: &Scale) -> MemoryEstimate {
+    let size = s.image_size as u64;
+    let n = |v: usize| if v == 0 { 60_000 } else { v as u64 };
+    let images = n(s.data.pretrain) + n(s.data.tune) + n(s.data.test);
+    let data = images * 3 * size * size;
+    let tokens = (size / s.model.patch_size.max(1) as u64).pow(2) + 1;
+    let m = &s.model;
+    let per_image = m.depth as u64
+        * tokens
+        * ((10 + 4 * m.mlp_ratio as u64) * m.dim as u64 + 3 * m.heads as u64 * tokens)
+        * 4;
+    let views = if s.views == Views::Sit { 2 } else { 1 };
+    let cpu = crate::backend_name().ends_with("cpu");
+    let training = if cpu {
+        per_image * s.batch_size as u64 * views
+    } else {
+        0
+    };
+    MemoryEstimate { data, training }
+}
+
+fn available_memory() -> Option<u64> {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    let a = sys.available_memory();
+    (a > 0).then_some(a)
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
 /// Range checks of every attack setting; `at` is the field path of `a` in the spec.

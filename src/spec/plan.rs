@@ -141,11 +141,31 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
         let entry = s.datasets.get(dataset);
         let root = entry.map(|e| spec.dir.join(&e.path));
         let format = entry.map(|e| e.format.name().to_string());
-        let located = crate::data::locate(dataset, format.as_deref(), data_dir, root.as_deref())
-            .map_err(|e| match entry {
-                Some(_) => anyhow!("{}: field `datasets.{dataset}.path`: {e}", spec.origin),
-                None => e,
-            })?;
+        let located_all =
+            crate::data::locate_with_classes(dataset, format.as_deref(), data_dir, root.as_deref())
+                .map_err(|e| match entry {
+                    Some(_) => anyhow!("{}: field `datasets.{dataset}.path`: {e}", spec.origin),
+                    None => e,
+                })?;
+        let classes = located_all.classes;
+        let located = located_all.found;
+        if located.is_none() {
+            // Generated data has exactly the sizes asked for: none may be empty.
+            for (field, n) in [
+                ("data.pretrain", scale.data.pretrain),
+                ("data.tune", scale.data.tune),
+                ("data.test", scale.data.test),
+            ] {
+                if n == 0 && !(field == "data.pretrain" && imported.is_some()) {
+                    bail!(
+                        "{}: field `{}.{field}`: 0 images of generated dataset {dataset} \
+                         (0 means \"all\" only for datasets read from files)",
+                        scale.origin,
+                        scale.name
+                    );
+                }
+            }
+        }
         let dp = DatasetParams {
             name: dataset.clone(),
             format,
@@ -217,6 +237,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             data_key: &data_key,
             pretrain_key: &pretrain_key,
             start_depth,
+            classes,
         };
         for attack in &g.attack {
             let poison_key = poison_step(&mut plan, &ctx, attack)?;
@@ -374,6 +395,8 @@ struct Ctx<'a> {
     pretrain_key: &'a str,
     /// Blocks of the starting checkpoint (pretrained or imported).
     start_depth: usize,
+    /// Classes of the dataset (attack targets must be below).
+    classes: usize,
 }
 
 /// IEU stage 1 (f_p) on an attack's poisoned data; `who` names the setting in errors.
@@ -422,6 +445,19 @@ fn poison_step(plan: &mut Plan, ctx: &Ctx, attack: &str) -> Result<String> {
     let variant = s.attack_variants.get(attack);
     let rate = variant.and_then(|v| v.poison_rate).unwrap_or(d.poison_rate);
     let target = variant.and_then(|v| v.target).unwrap_or(d.target);
+    if target >= ctx.classes {
+        let field = match variant.and_then(|v| v.target) {
+            Some(_) => format!("attack_variants.{attack}.target"),
+            None => "defaults.target".to_string(),
+        };
+        bail!(
+            "{}: field `{field}`: target class {target} does not exist in dataset {} ({} classes, 0..{})",
+            ctx.spec.origin,
+            ctx.dataset,
+            ctx.classes,
+            ctx.classes - 1
+        );
+    }
     let settings = s.attacks_of(attack)?;
     let at = if variant.is_some() {
         format!("attack_variants.{attack}.attacks")

@@ -1,0 +1,176 @@
+//! Keys follow the code: the code-identity analysis of `build.rs`, run on edited copies of
+//! this crate's source. Each case edits one line and checks exactly which step identities
+//! move (and so which stored steps would be recomputed).
+
+include!("../build/code_identity.rs");
+
+use std::collections::BTreeMap;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A copy of `src/` and `Cargo.lock` in a temporary directory.
+fn copy_tree() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in walkdir::WalkDir::new(root().join("src")) {
+        let entry = entry.unwrap();
+        let rel = entry.path().strip_prefix(root()).unwrap();
+        let dst = dir.path().join(rel);
+        if entry.file_type().is_dir() {
+            std::fs::create_dir_all(&dst).unwrap();
+        } else {
+            std::fs::copy(entry.path(), &dst).unwrap();
+        }
+    }
+    std::fs::copy(root().join("Cargo.lock"), dir.path().join("Cargo.lock")).unwrap();
+    dir
+}
+
+fn ids(at: &Path) -> BTreeMap<String, String> {
+    identities(at)
+        .0
+        .into_iter()
+        .map(|(n, d, _)| (n, d))
+        .collect()
+}
+
+/// Replaces `from` (which must occur in `file`) and returns the identities that changed.
+fn changed_by(edits: &[(&str, &str, &str)]) -> Vec<String> {
+    let base = ids(&root());
+    let tree = copy_tree();
+    for (file, from, to) in edits {
+        let path = tree.path().join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{file} no longer contains {from:?}");
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    }
+    let now = ids(tree.path());
+    base.iter()
+        .filter(|(n, d)| now.get(*n) != Some(*d))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+#[test]
+fn the_built_identities_are_this_analysis_of_this_source() {
+    let here = ids(&root());
+    for (name, digest, _) in ieu_bench::dag::code::IDENTITIES {
+        assert_eq!(here.get(*name).map(String::as_str), Some(*digest), "{name}");
+    }
+}
+
+#[test]
+fn an_edit_to_eq3_moves_only_the_ieu_finetune() {
+    let moved = changed_by(&[(
+        "src/defences/ieu.rs",
+        "(6.0 - inner.exp()).max(0.2)",
+        "(6.5 - inner.exp()).max(0.2)",
+    )]);
+    assert_eq!(moved, ["finetune/ieu"]);
+}
+
+#[test]
+fn an_edit_to_logit_masking_moves_only_the_ieu_finetune() {
+    let moved = changed_by(&[(
+        "src/defences/ieu.rs",
+        "pub fn masked_logits_with(",
+        "pub fn masked_logits_with_renamed(",
+    )]);
+    // A rename that breaks the caller is still an edit of reachable code.
+    assert_eq!(moved, ["finetune/ieu"]);
+}
+
+#[test]
+fn comments_docs_formatting_and_tests_move_nothing() {
+    let moved = changed_by(&[
+        (
+            "src/defences/ieu.rs",
+            "pub fn dynamic_unlearn_scale(",
+            "// a comment\n/// more doc\npub   fn\n   dynamic_unlearn_scale(",
+        ),
+        (
+            "src/train/mod.rs",
+            "        let mut sum = 0.0;",
+            "        // note\n\n        let mut sum = 0.0;   ",
+        ),
+        (
+            "src/models/vit.rs",
+            "    pub fn forward(&self, x: Tensor<3>)",
+            "    /// Doc.\n    pub fn forward(&self, x: Tensor<3>)",
+        ),
+        (
+            "src/store/mod.rs",
+            "    fn a_key_lock_excludes_others_until_dropped() {",
+            "    fn a_key_lock_excludes_others_until_dropped() {\n        let _unused_in_a_test = 1;",
+        ),
+    ]);
+    assert!(moved.is_empty(), "moved: {moved:?}");
+}
+
+#[test]
+fn the_training_loop_moves_what_trains_with_it_and_not_data_or_poison() {
+    let moved = changed_by(&[(
+        "src/train/mod.rs",
+        "factor: 1.0 - lr * cfg.wd[it],",
+        "factor: 1.0 - 0.5 * lr * cfg.wd[it],",
+    )]);
+    for must in ["pretrain", "stage1", "finetune/none", "isolate"] {
+        assert!(moved.contains(&must.to_string()), "{must} not in {moved:?}");
+    }
+    for never in ["dataset", "poison", "evaluate", "import"] {
+        assert!(!moved.contains(&never.to_string()), "{never} in {moved:?}");
+    }
+}
+
+#[test]
+fn the_vit_moves_every_model_step_and_the_synthetic_generator_every_step() {
+    let vit = changed_by(&[(
+        "src/models/vit.rs",
+        "        let hd = d / self.heads;",
+        "        let hd = d / self.heads + 0;",
+    )]);
+    assert!(!vit.contains(&"dataset".to_string()), "{vit:?}");
+    for must in [
+        "pretrain",
+        "stage1",
+        "finetune/ieu",
+        "finetune/none",
+        "evaluate",
+    ] {
+        assert!(vit.contains(&must.to_string()), "{must} not in {vit:?}");
+    }
+    let data = changed_by(&[(
+        "src/data/synthetic.rs",
+        "let (img, label) = render(seed, 1, i as u64, size);",
+        "let (img, label) = render(seed, 2, i as u64, size);",
+    )]);
+    assert!(data.contains(&"dataset".to_string()), "{data:?}");
+}
+
+#[test]
+fn the_command_line_and_reports_move_nothing() {
+    let moved = changed_by(&[
+        (
+            "src/cli/mod.rs",
+            "fn human_bytes(b: u64) -> String {",
+            "fn human_bytes(b: u64) -> String {\n    let _ = 1 + 1;",
+        ),
+        (
+            "src/report/mod.rs",
+            "pub fn collect(",
+            "pub fn collect_renamed(",
+        ),
+    ]);
+    assert!(moved.is_empty(), "moved: {moved:?}");
+}
+
+#[test]
+fn a_dependency_upgrade_moves_everything() {
+    let moved = changed_by(&[(
+        "Cargo.lock",
+        "name = \"burn-tensor\"\nversion = \"",
+        "name = \"burn-tensor\"\nversion = \"9",
+    )]);
+    assert_eq!(moved.len(), ROOTS.len(), "{moved:?}");
+}
