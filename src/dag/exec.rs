@@ -71,18 +71,22 @@ thread_local! {
     static IN_STEP: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Installs a panic hook that keeps panics inside steps quiet (the executor reports them as
-/// one error naming the step, with the panic's message and location); other panics go to
-/// the default hook. With `RUST_BACKTRACE` set, step panics print as usual.
+/// Installs a panic hook that keeps panics inside steps quiet: the executor reports each as
+/// one error naming the step, with the panic's message and location (the backtrace goes to
+/// the debug log, `RUST_LOG=debug`, when `RUST_BACKTRACE` is set). Panics elsewhere go to
+/// the default hook.
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         let in_step = IN_STEP.with(|s| s.borrow().is_some());
-        if in_step && std::env::var_os("RUST_BACKTRACE").is_none() {
+        if in_step {
             let at = info
                 .location()
                 .map(|l| format!(" at {}:{}", l.file(), l.line()))
                 .unwrap_or_default();
+            if std::env::var_os("RUST_BACKTRACE").is_some() {
+                tracing::debug!("backtrace:\n{}", std::backtrace::Backtrace::force_capture());
+            }
             IN_STEP.with(|s| *s.borrow_mut() = Some(at));
         } else {
             default(info);
@@ -219,6 +223,11 @@ impl Executor {
             }
         });
         let st = sched.into_inner().unwrap();
+        match self.store.sweep_stale() {
+            Ok(n) if n > 0 => tracing::info!("removed {n} staging directories left by killed runs"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot sweep stale staging directories: {e:#}"),
+        }
         if !st.failed.is_empty() {
             let mut msg = String::new();
             for f in &st.failed {

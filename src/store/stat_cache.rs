@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
 use std::sync::Mutex;
 
 use anyhow::Result;
@@ -27,7 +28,8 @@ type Stamp = (u64, i64, i64, i64, i64, u64, u64);
 #[derive(Default, Serialize, Deserialize)]
 struct Cache {
     version: u32,
-    entries: HashMap<PathBuf, (Stamp, String)>,
+    /// Absolute path (as text: hashing `Path`s component by component is slow) -> digest.
+    entries: HashMap<String, (Stamp, String)>,
 }
 
 struct State {
@@ -99,13 +101,14 @@ fn stamp(meta: &std::fs::Metadata) -> Stamp {
 /// blake3 (hex) of a file's content, from the cache when its metadata is unchanged.
 pub fn digest(path: &Path) -> Result<String> {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let text = abs.to_string_lossy();
     let meta = std::fs::metadata(&abs)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let st = stamp(&meta);
     {
         let mut guard = STATE.lock().unwrap();
         if let Some(s) = guard.as_mut() {
-            if let Some((cached, d)) = s.cache.entries.get(&abs) {
+            if let Some((cached, d)) = s.cache.entries.get(text.as_ref()) {
                 if *cached == st {
                     s.hits += 1;
                     return Ok(d.clone());
@@ -123,7 +126,7 @@ pub fn digest(path: &Path) -> Result<String> {
             .unwrap_or(0);
         let recent = RECENT_S.load(std::sync::atomic::Ordering::Relaxed);
         if now - st.1 > recent && now - st.3 > recent {
-            s.cache.entries.insert(abs, (st, d.clone()));
+            s.cache.entries.insert(text.into_owned(), (st, d.clone()));
             s.dirty = true;
         }
     }
@@ -170,7 +173,12 @@ pub fn is_cached(path: &Path) -> bool {
         .lock()
         .unwrap()
         .as_ref()
-        .and_then(|s| s.cache.entries.get(&abs).map(|(st, _)| *st == stamp(&meta)))
+        .and_then(|s| {
+            s.cache
+                .entries
+                .get(abs.to_string_lossy().as_ref())
+                .map(|(st, _)| *st == stamp(&meta))
+        })
         .unwrap_or(false)
 }
 
