@@ -3,38 +3,17 @@
 //! one is killed), failures that end cleanly, and bad settings refused before any work.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_ieu-bench"))
-}
-
-fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(exe());
-    c.args(args)
-        .env_remove("IEU_STORE")
-        .env_remove("IEU_DATA_DIR")
-        .env_remove("IEU_INJECT_FAULT")
-        .env("RUST_LOG", "warn");
-    c
-}
+mod common;
+use common::{cmd, ok};
 
 fn run(args: &[&str]) -> Output {
-    cmd(args).output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::out(&mut cmd(args))
 }
 
 fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    common::err_of(o)
 }
 
 /// The CSV part of `run`'s output (everything but the final `done:` line).

@@ -44,6 +44,39 @@ pub struct Common {
     pub jobs: Option<usize>,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum RemoteAction {
+    /// Add (or replace) a remote: a directory, file:///DIR, or s3://BUCKET/PREFIX.
+    Add { name: String, url: String },
+    /// List the configured remotes.
+    List,
+    /// Forget a remote.
+    Remove { name: String },
+}
+
+/// How spec targets are planned (for push, pull, bundle).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Selection {
+    #[arg(long, default_value = "cpu")]
+    pub scale: String,
+    #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
+    pub store: PathBuf,
+    #[arg(long, env = "IEU_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long = "only", value_name = "AXIS=V1,V2")]
+    pub only: Vec<String>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ShareArgs {
+    /// An optional remote (a configured name or a URL), then specs (YAML files) or step
+    /// hashes; default remote: IEU_REMOTE, the only one, or `origin`; default target: the
+    /// embedded default spec.
+    pub words: Vec<String>,
+    #[command(flatten)]
+    pub sel: Selection,
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Markdown,
@@ -59,6 +92,10 @@ pub enum Command {
         /// Print the plan and stop.
         #[arg(long)]
         dry_run: bool,
+        /// First pull from a remote (default: IEU_REMOTE, the only one, or `origin`) what
+        /// it has of the plan, then compute the rest.
+        #[arg(long, value_name = "REMOTE", num_args = 0..=1, default_missing_value = "")]
+        pull: Option<String>,
     },
     /// Render what the store holds for a spec.
     Report {
@@ -79,6 +116,63 @@ pub enum Command {
         /// Also re-hash the outputs and check them against the manifest.
         #[arg(long)]
         verify: bool,
+    },
+    /// Configure remotes: `remote add NAME URL` (a directory or s3://BUCKET/PREFIX),
+    /// `remote list`, `remote remove NAME`.
+    Remote {
+        #[command(subcommand)]
+        action: RemoteAction,
+        #[arg(long, env = "IEU_STORE", default_value = "artifacts", global = true)]
+        store: PathBuf,
+    },
+    /// Send the closure of a spec's stored steps (or of step hashes) to a remote; what the
+    /// remote has is skipped. `push [REMOTE] [SPEC | HASH ...]`.
+    Push {
+        #[command(flatten)]
+        share: ShareArgs,
+    },
+    /// Fetch the closure of a spec's steps (or of step hashes) from a remote, verifying
+    /// every file before publishing it. `pull [REMOTE] [SPEC | HASH ...]`.
+    Pull {
+        #[command(flatten)]
+        share: ShareArgs,
+    },
+    /// Write the closure of a spec's stored steps (or of step hashes) as one .tar.zst file.
+    Bundle {
+        /// Specs (YAML files) or step hashes; default: the embedded default spec.
+        targets: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        sel: Selection,
+    },
+    /// Verify a bundle and import its objects into the store.
+    Unbundle {
+        file: PathBuf,
+        #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
+        store: PathBuf,
+    },
+    /// Remove the objects no kept spec needs. Prints what it would remove unless --delete.
+    Gc {
+        /// Specs whose steps (and everything they were computed from) are kept (repeatable).
+        #[arg(long = "keep")]
+        keep: Vec<PathBuf>,
+        /// Only remove objects created longer ago than this (30d, 12h, 45m).
+        #[arg(long)]
+        older_than: Option<String>,
+        /// List what would be removed and the space freed (the default).
+        #[arg(long, conflicts_with = "delete")]
+        dry_run: bool,
+        /// Really remove.
+        #[arg(long)]
+        delete: bool,
+        /// Scales the kept specs are planned at (repeatable; default: every scale).
+        #[arg(long = "scale")]
+        scales: Vec<String>,
+        #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
+        store: PathBuf,
+        #[arg(long, env = "IEU_DATA_DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// Check every object of the store against its manifest; damaged ones are quarantined.
     /// Exits non-zero on any damage.
@@ -186,6 +280,75 @@ fn resolve_in_store(root: &std::path::Path, hash: &str) -> Result<(Store, String
     Ok((store, key))
 }
 
+/// Errors for objects a pull refused.
+fn report_refused(rep: &crate::store::share::PullReport) -> Result<()> {
+    if !rep.failed() {
+        return Ok(());
+    }
+    let mut msg = String::new();
+    for (k, label, why) in &rep.refused {
+        msg.push_str(&format!("refused {label} ({k}): {why}\n"));
+    }
+    if !rep.blocked.is_empty() {
+        let labels: Vec<&str> = rep.blocked.iter().map(|(_, l)| l.as_str()).collect();
+        msg.push_str(&format!(
+            "not published, because they were computed from a refused object: {}\n",
+            labels.join(", ")
+        ));
+    }
+    msg.push_str(&format!(
+        "{} objects that verified were kept",
+        rep.fetched + rep.present
+    ));
+    bail!("{msg}")
+}
+
+/// The keys a list of targets names: a spec's planned steps (at the selection's scale),
+/// or step hashes resolved by `resolve`. No targets: the embedded default spec.
+fn target_keys(
+    targets: &[String],
+    sel: &Selection,
+    resolve: &dyn Fn(&str) -> Result<Vec<String>>,
+) -> Result<(Vec<String>, bool)> {
+    let mut keys = Vec::new();
+    let mut any_hash = false;
+    let specs: Vec<Option<PathBuf>> = if targets.is_empty() {
+        vec![None]
+    } else {
+        Vec::new()
+    };
+    let mut spec_targets = specs;
+    for t in targets {
+        let p = PathBuf::from(t);
+        if p.is_file() || t.ends_with(".yaml") || t.ends_with(".yml") {
+            spec_targets.push(Some(p));
+        } else if t.len() >= 4 && t.chars().all(|c| c.is_ascii_hexdigit()) {
+            keys.extend(resolve(t)?);
+            any_hash = true;
+        } else {
+            bail!("'{t}' is neither a spec file nor a step hash (nor a configured remote)");
+        }
+    }
+    for spec in spec_targets {
+        let mut loaded = LoadedSpec::load(spec.as_deref())?;
+        loaded.apply_only(&sel.only)?;
+        let scale = loaded.scale(&sel.scale)?;
+        let plan = crate::spec::plan::plan_available(&loaded, &scale, sel.data_dir.as_deref())?;
+        keys.extend(plan.steps.iter().map(|s| s.key.clone()));
+    }
+    Ok((keys, any_hash))
+}
+
+/// Splits `[REMOTE] TARGETS...`.
+fn remote_and_targets(store: &Store, words: &[String]) -> (Option<String>, Vec<String>) {
+    match words.first() {
+        Some(w) if crate::store::remote::is_remote_word(store.root(), w) => {
+            (Some(w.clone()), words[1..].to_vec())
+        }
+        _ => (None, words.to_vec()),
+    }
+}
+
 fn human_bytes(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
@@ -213,9 +376,13 @@ fn human_age(d: chrono::TimeDelta) -> String {
 
 pub fn main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { common, dry_run } => {
+        Command::Run {
+            common,
+            dry_run,
+            pull,
+        } => {
             let t0 = Instant::now();
-            let (spec, _scale, plan, store) = load(&common, false)?;
+            let (spec, scale, plan, store) = load(&common, false)?;
             let cached = plan.steps.iter().filter(|s| store.contains(&s.key)).count();
             let total = plan.steps.len();
             if dry_run {
@@ -244,6 +411,23 @@ pub fn main(cli: Cli) -> Result<()> {
                     total - cached
                 );
                 return Ok(());
+            }
+            crate::spec::check_memory(&scale)?;
+            if let Some(name) = pull {
+                let name = (!name.is_empty()).then_some(name.as_str());
+                let (rname, url) = crate::store::remote::choose(store.root(), name)?;
+                let remote = crate::store::remote::Remote::open(&rname, &url, false)?;
+                let keys: Vec<String> = plan.steps.iter().map(|s| s.key.clone()).collect();
+                let rep = crate::store::share::pull(&store, &remote, &keys, false)?;
+                eprintln!(
+                    "pulled {} objects ({}) from {}; {} already here, {} not on the remote",
+                    rep.fetched,
+                    human_bytes(rep.bytes),
+                    remote.describe(),
+                    rep.present,
+                    rep.absent.len()
+                );
+                report_refused(&rep)?;
             }
             let stale = store.sweep_stale()?;
             if stale > 0 {
@@ -328,6 +512,198 @@ pub fn main(cli: Cli) -> Result<()> {
             if verify {
                 store.verify(&key)?;
                 println!("verified: every output matches its digest");
+            }
+            Ok(())
+        }
+        Command::Remote { action, store } => {
+            let store = Store::open(&store)?;
+            match action {
+                RemoteAction::Add { name, url } => {
+                    let url = crate::store::remote::add(store.root(), &name, &url)?;
+                    println!("remote {name} = {url}");
+                }
+                RemoteAction::List => {
+                    for (name, url) in crate::store::remote::configured(store.root())? {
+                        println!("{name}\t{url}");
+                    }
+                }
+                RemoteAction::Remove { name } => {
+                    crate::store::remote::remove(store.root(), &name)?;
+                    println!("removed remote {name}");
+                }
+            }
+            Ok(())
+        }
+        Command::Push { share } => {
+            let store = Store::open_existing(&share.sel.store)?;
+            crate::store::stat_cache::attach(store.root());
+            let (name, targets) = remote_and_targets(&store, &share.words);
+            let (rname, url) = crate::store::remote::choose(store.root(), name.as_deref())?;
+            let remote = crate::store::remote::Remote::open(&rname, &url, true)?;
+            let (keys, _) = target_keys(&targets, &share.sel, &|h| Ok(vec![store.resolve(h)?]))?;
+            // A spec's steps that this store does not hold are simply not sent.
+            let held: Vec<String> = keys.into_iter().filter(|k| store.contains(k)).collect();
+            let rep = crate::store::share::push(&store, &remote, &held)?;
+            println!(
+                "pushed {} objects ({} files, {}) to {}; {} already there",
+                rep.sent,
+                rep.files,
+                human_bytes(rep.bytes),
+                remote.describe(),
+                rep.already
+            );
+            if !rep.missing.is_empty() {
+                eprintln!(
+                    "note: {} inputs of the pushed steps are not in this store and were not sent",
+                    rep.missing.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Pull { share } => {
+            let store = Store::open(&share.sel.store)?;
+            crate::store::stat_cache::attach(store.root());
+            let (name, targets) = remote_and_targets(&store, &share.words);
+            let (rname, url) = crate::store::remote::choose(store.root(), name.as_deref())?;
+            let remote = crate::store::remote::Remote::open(&rname, &url, false)?;
+            let resolve = |h: &str| -> Result<Vec<String>> {
+                if h.len() == 64 {
+                    return Ok(vec![h.to_ascii_lowercase()]);
+                }
+                let found = remote.keys_with_prefix(&h.to_ascii_lowercase())?;
+                match found.len() {
+                    1 => Ok(found),
+                    0 => bail!("{} has no object with hash {h}", remote.describe()),
+                    n => bail!(
+                        "hash prefix {h} is ambiguous on {} ({n} objects)",
+                        remote.describe()
+                    ),
+                }
+            };
+            let (keys, named_hashes) = target_keys(&targets, &share.sel, &resolve)?;
+            let rep = crate::store::share::pull(&store, &remote, &keys, named_hashes)?;
+            println!(
+                "pulled {} objects ({}) from {}; {} already here, {} not on the remote",
+                rep.fetched,
+                human_bytes(rep.bytes),
+                remote.describe(),
+                rep.present,
+                rep.absent.len()
+            );
+            report_refused(&rep)
+        }
+        Command::Bundle { targets, out, sel } => {
+            let store = Store::open_existing(&sel.store)?;
+            crate::store::stat_cache::attach(store.root());
+            let (keys, _) = target_keys(&targets, &sel, &|h| Ok(vec![store.resolve(h)?]))?;
+            let held: Vec<String> = keys.into_iter().filter(|k| store.contains(k)).collect();
+            let (closure, _) = crate::store::share::local_closure(&store, &held)?;
+            if closure.is_empty() {
+                bail!("nothing to bundle: the store holds none of the named steps");
+            }
+            let rep = crate::store::bundle::write(&store, &closure, &out)?;
+            println!(
+                "wrote {} ({} objects, {} before compression)",
+                out.display(),
+                rep.objects,
+                human_bytes(rep.bytes)
+            );
+            Ok(())
+        }
+        Command::Unbundle { file, store } => {
+            let store = Store::open(&store)?;
+            let rep = crate::store::bundle::read(&store, &file)?;
+            println!(
+                "imported {} objects from {}; {} already here",
+                rep.imported,
+                file.display(),
+                rep.present
+            );
+            Ok(())
+        }
+        Command::Gc {
+            keep,
+            older_than,
+            dry_run: _,
+            delete,
+            scales,
+            store,
+            data_dir,
+        } => {
+            let store = Store::open_existing(&store)?;
+            crate::store::stat_cache::attach(store.root());
+            let age = older_than
+                .as_deref()
+                .map(crate::store::gc::parse_age)
+                .transpose()?;
+            let mut planned = Vec::new();
+            for spec in &keep {
+                let loaded = LoadedSpec::load(Some(spec))?;
+                // Every dataset must be found, or the steps built on it could not be told
+                // apart from garbage.
+                for name in &loaded.spec.grid.dataset {
+                    let entry = loaded.spec.datasets.get(name);
+                    let format = entry.map(|e| e.format.name());
+                    let root = entry.map(|e| loaded.dir.join(&e.path));
+                    crate::data::Format::of(name, format)
+                        .and_then(|f| crate::data::find(f, data_dir.as_deref(), root.as_deref()))
+                        .with_context(|| {
+                            format!(
+                                "kept spec {}: dataset {name} cannot be read, so its steps cannot be protected (pass --data-dir)",
+                                spec.display()
+                            )
+                        })?;
+                }
+                let explicit = !scales.is_empty();
+                let names = if explicit {
+                    scales.clone()
+                } else {
+                    loaded.scale_names()?
+                };
+                for sc in names {
+                    let scale = loaded.scale(&sc)?;
+                    match crate::spec::plan::plan(&loaded, &scale, data_dir.as_deref()) {
+                        Ok(plan) => planned.extend(plan.steps.iter().map(|s| s.key.clone())),
+                        // A spec that cannot be planned at a scale has no steps there.
+                        Err(e) if !explicit => eprintln!(
+                            "note: {} does not plan at scale {sc} ({e:#}); nothing of it to keep there",
+                            spec.display()
+                        ),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            let held: Vec<String> = planned.into_iter().filter(|k| store.contains(k)).collect();
+            let (closure, _) = crate::store::share::local_closure(&store, &held)?;
+            let keep_set: std::collections::HashSet<String> = closure.into_iter().collect();
+            let plan = crate::store::gc::plan(&store, &keep_set, age)?;
+            for l in &plan.remove {
+                println!(
+                    "{} {:<10} {} {:>9}  {}",
+                    if delete { "remove" } else { "would remove" },
+                    l.kind,
+                    &l.key[..12],
+                    human_bytes(l.bytes),
+                    l.label
+                );
+            }
+            if delete {
+                let (removed, busy) = crate::store::gc::apply(&store, &plan)?;
+                println!(
+                    "removed {removed} objects ({}); kept {}",
+                    human_bytes(plan.bytes()),
+                    plan.kept
+                );
+                if !busy.is_empty() {
+                    println!("skipped {} objects in use by another process", busy.len());
+                }
+            } else {
+                println!(
+                    "would remove {} objects ({}); kept {} (dry run: pass --delete to remove)",
+                    plan.remove.len(),
+                    human_bytes(plan.bytes()),
+                    plan.kept
+                );
             }
             Ok(())
         }

@@ -434,6 +434,18 @@ impl Executor {
                 return Err(e);
             }
         }
+        // Shared locks on the inputs while they are read: `gc` cannot remove them meanwhile.
+        let mut reading = Vec::new();
+        for key in step.inputs.values() {
+            reading.push(self.store.lock_shared(key)?);
+            if !self.store.contains(key) {
+                return Err(InputDamaged {
+                    key: key.clone(),
+                    why: "it was removed from the store".into(),
+                }
+                .into());
+            }
+        }
         let staging = self.store.stage(lock)?;
         inject_fault(step)?;
         self.compute(step, staging.path(), device)?;

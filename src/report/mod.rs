@@ -73,6 +73,35 @@ fn value(df: &DataFrame, row: usize, metric: &str) -> Result<Option<f64>> {
     Ok(df.column(metric)?.f64()?.get(row))
 }
 
+#[derive(Serialize)]
+struct CellKey {
+    cell: String,
+    key: String,
+}
+
+/// Every cell of the report with the key of the evaluate step it shows, and one key for
+/// the whole report (blake3 of the cells and their keys): what `pull` needs to fetch
+/// exactly these results.
+fn provenance(df: &DataFrame) -> Result<(Vec<CellKey>, String)> {
+    let mut cells = Vec::new();
+    let mut h = blake3::Hasher::new();
+    for row in 0..df.height() {
+        let cell = format!(
+            "{}/{}/{}",
+            text(df, row, "dataset")?,
+            text(df, row, "attack")?,
+            text(df, row, "defence")?
+        );
+        let key = text(df, row, "evaluate_step")?;
+        h.update(cell.as_bytes());
+        h.update(b"=");
+        h.update(key.as_bytes());
+        h.update(b"\n");
+        cells.push(CellKey { cell, key });
+    }
+    Ok((cells, h.finalize().to_hex()[..16].to_string()))
+}
+
 fn text(df: &DataFrame, row: usize, col: &str) -> Result<String> {
     Ok(df
         .column(col)?
@@ -252,6 +281,7 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
             });
         }
     }
+    let (cells, report_key) = provenance(df)?;
     let mut env = Environment::new();
     env.add_template("table", TABLE_TEMPLATE)?;
     let tmpl = env.get_template("table")?;
@@ -268,6 +298,9 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
             reference => reference.map(|r| r.source.clone()),
             gate_columns => metrics.iter().any(|m| m.ends_with("_flagged")),
             isolation_columns => metrics.iter().any(|m| m == "fpr" || m == "fnr"),
+            backend => crate::backend_name(),
+            cells => cells,
+            report_key => report_key,
         })
         .context("rendering the markdown report")?;
     Ok(out)

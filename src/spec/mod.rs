@@ -756,9 +756,16 @@ impl LoadedSpec {
     }
 
     /// The scales file beside the spec if there is one, else the embedded copy.
-    pub fn scale(&self, name: &str) -> Result<Scale> {
+    /// The names of the scales this spec can run at (its `scales.yaml` or the embedded one).
+    pub fn scale_names(&self) -> Result<Vec<String>> {
+        let (text, origin) = self.scales_text()?;
+        let all: BTreeMap<String, serde_yaml_ng::Value> = parse_yaml(&text, &origin)?;
+        Ok(all.into_keys().collect())
+    }
+
+    fn scales_text(&self) -> Result<(String, String)> {
         let beside = self.dir.join("scales.yaml");
-        let (text, origin) = if beside.is_file() {
+        Ok(if beside.is_file() {
             let text = std::fs::read_to_string(&beside)
                 .map_err(|e| anyhow!("cannot read {}: {e}", beside.display()))?;
             (text, beside.display().to_string())
@@ -767,7 +774,11 @@ impl LoadedSpec {
                 DEFAULT_SCALES.to_string(),
                 "<embedded experiments/scales.yaml>".to_string(),
             )
-        };
+        })
+    }
+
+    pub fn scale(&self, name: &str) -> Result<Scale> {
+        let (text, origin) = self.scales_text()?;
         load_scale(&text, &origin, name)
     }
 
@@ -1171,20 +1182,26 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
     if s.data.tune == 0 && s.data.pretrain == 0 {
         return Err(f("data", "set explicit pretrain and tune sizes".into()));
     }
+    Ok(())
+}
+
+/// Refuses a scale whose largest step would not fit in this machine's available memory
+/// (checked by `run` before it computes anything; planning, reports and dry runs at any
+/// scale stay possible anywhere).
+pub fn check_memory(s: &Scale) -> Result<()> {
     let est = memory_estimate(s);
     if let Some(avail) = available_memory() {
         if est.total() > avail {
-            return Err(f(
-                "image_size",
-                format!(
-                    "{} with this model and batch needs about {} of memory ({} for the images, {} for training a batch on the CPU), more than the {} available",
-                    s.image_size,
-                    gib(est.total()),
-                    gib(est.data),
-                    gib(est.training),
-                    gib(avail)
-                ),
-            ));
+            bail!(
+                "{}: field `{}.image_size`: {} with this model and batch needs about {} of memory ({} for the images, {} for training a batch on the CPU), more than the {} available",
+                s.origin,
+                s.name,
+                s.image_size,
+                gib(est.total()),
+                gib(est.data),
+                gib(est.training),
+                gib(avail)
+            );
         }
     }
     Ok(())
@@ -1193,7 +1210,8 @@ fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
 /// Approximate peak memory of a scale's largest step.
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryEstimate {
-    /// The images held as bytes (pretrain + tune + test; 60 000 where a size is "all").
+    /// The images held as bytes (pretrain + tune + test; a size of 0, "all", counts as
+    /// 50 000 for a training split and 12 630 (GTSRB's) for the test split).
     pub data: u64,
     /// Activations kept for the backward pass of one training batch (CPU backends).
     pub training: u64,
@@ -1210,8 +1228,8 @@ impl MemoryEstimate {
 /// for the attention maps, for every image of a batch (twice with the SiT views).
 pub fn memory_estimate(s: &Scale) -> MemoryEstimate {
     let size = s.image_size as u64;
-    let n = |v: usize| if v == 0 { 60_000 } else { v as u64 };
-    let images = n(s.data.pretrain) + n(s.data.tune) + n(s.data.test);
+    let n = |v: usize, all: u64| if v == 0 { all } else { v as u64 };
+    let images = n(s.data.pretrain, 50_000) + n(s.data.tune, 50_000) + n(s.data.test, 12_630);
     let data = images * 3 * size * size;
     let tokens = (size / s.model.patch_size.max(1) as u64).pow(2) + 1;
     let m = &s.model;

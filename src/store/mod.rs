@@ -24,6 +24,10 @@
 //! key's lock, so [`Store::sweep_stale`] removes exactly the staging directories whose lock
 //! it can take: their owner is gone, on this host or any other that shares the store.
 
+pub mod bundle;
+pub mod gc;
+pub mod remote;
+pub mod share;
 pub mod stat_cache;
 
 use std::collections::{BTreeMap, HashSet};
@@ -199,6 +203,74 @@ impl Store {
         })
     }
 
+    /// Takes a shared lock on `key`: held by a step while it reads an input, so that `gc`
+    /// (which needs the exclusive lock) never removes an object in use.
+    pub fn lock_shared(&self, key: &str) -> Result<KeyLock> {
+        let file = self.lock_file(key)?;
+        file.lock_shared()
+            .with_context(|| format!("cannot lock key {key} in {}", self.root.display()))?;
+        Ok(KeyLock {
+            key: key.to_string(),
+            _file: file,
+        })
+    }
+
+    /// Publishes an object computed elsewhere (pulled, unbundled): `staging` holds its files
+    /// and `manifest` is its manifest as it was written there. Every file is checked against
+    /// the manifest first; a mismatch is an error naming the key and the file, and nothing
+    /// is published. The caller holds the key's lock.
+    pub fn publish_foreign(&self, staging: Staging, manifest: &[u8]) -> Result<Manifest> {
+        let m: Manifest =
+            serde_json::from_slice(manifest).context("its manifest does not parse")?;
+        let src = staging.path().to_path_buf();
+        let got = digest_dir(&src)?;
+        for (name, want) in &m.outputs {
+            match got.get(name) {
+                Some(d) if d == want => {}
+                Some(d) => bail!(
+                    "file {name} has blake3 {} ({} bytes), its manifest says {} ({} bytes)",
+                    d.blake3,
+                    d.bytes,
+                    want.blake3,
+                    want.bytes
+                ),
+                None => bail!("file {name} is missing"),
+            }
+        }
+        if let Some(extra) = got.keys().find(|k| !m.outputs.contains_key(*k)) {
+            bail!("file {extra} is not in its manifest");
+        }
+        write_synced(&src.join(MANIFEST), manifest)?;
+        sync_dir(&src)?;
+        let dst = self.object_dir(&m.key);
+        let kept = staging.dir.keep();
+        if let Err(e) = fs::rename(&kept, &dst) {
+            let _ = fs::remove_dir_all(&kept);
+            if !dst.join(MANIFEST).is_file() {
+                return Err(e).with_context(|| format!("cannot publish {}", dst.display()));
+            }
+        }
+        sync_dir(&self.root.join("objects"))?;
+        mark_verified(&dst);
+        Ok(m)
+    }
+
+    /// Removes an object (the caller holds its exclusive lock): it is renamed out of
+    /// `objects/` first, so no reader sees it half-removed.
+    pub fn remove_object(&self, lock: &KeyLock) -> Result<()> {
+        let key = lock.key();
+        let dir = self.object_dir(key);
+        let doomed = self
+            .root
+            .join("tmp")
+            .join(format!("gc-{key}-{}", std::process::id()));
+        fs::rename(&dir, &doomed).with_context(|| format!("cannot remove {}", dir.display()))?;
+        forget_verified(&dir);
+        fs::remove_dir_all(&doomed)
+            .with_context(|| format!("cannot remove {}", doomed.display()))?;
+        Ok(())
+    }
+
     /// A fresh, empty staging directory for computing the locked key.
     pub fn stage(&self, lock: &KeyLock) -> Result<Staging> {
         let prefix = format!(
@@ -224,6 +296,15 @@ impl Store {
         for entry in fs::read_dir(self.root.join("tmp"))? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = name.strip_prefix("gc-") {
+                // A removal interrupted after its rename: finish it once its lock is free.
+                let key = rest.split('-').next().unwrap_or("");
+                if key.len() == 64 && self.try_lock(key)?.is_some() {
+                    remove_staging(&entry.path())?;
+                    removed += 1;
+                }
+                continue;
+            }
             let Some(rest) = name.strip_prefix("stage-") else {
                 continue;
             };
