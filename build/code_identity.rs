@@ -295,9 +295,10 @@ fn load_items(k: &mut Crate, items: &[syn::Item], dir: &Path, module: &str) {
                     syn::Item::Static(s) => (s.ident.to_string(), What::Value),
                     syn::Item::Macro(m) => match &m.ident {
                         Some(id) => (id.to_string(), What::Macro),
-                        // An item-level macro call (e.g. `thread_local!`): named by what
-                        // it mentions; linked from every root below via its idents.
-                        None => (format!("<macro@{}>", k.nodes.len()), What::Value),
+                        // An item-level macro call (e.g. `thread_local!`): it has no name
+                        // to be reached by, so every identity includes it (its tokens tell
+                        // it apart; never its position, which moves with unrelated edits).
+                        None => ("<macro>".to_string(), What::Value),
                     },
                     _ => continue,
                 };
@@ -732,7 +733,7 @@ impl Index {
             start.iter().map(|&i| (i, None)).collect();
         // Item-level macro calls have no name to be reached by: include them always.
         for (i, n) in k.nodes.iter().enumerate() {
-            if n.name.starts_with("<macro@") {
+            if n.name == "<macro>" {
                 queue.push_back((i, None));
             }
         }

@@ -12,6 +12,10 @@ fn main() {
     let cli = ieu_bench::cli::Cli::parse();
     if let Err(e) = ieu_bench::cli::main(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let code = e
+            .downcast_ref::<ieu_bench::cli::Exit>()
+            .map(|x| x.code)
+            .unwrap_or(1);
+        std::process::exit(code);
     }
 }

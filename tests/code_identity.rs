@@ -149,6 +149,32 @@ fn the_vit_moves_every_model_step_and_the_synthetic_generator_every_step() {
 }
 
 #[test]
+fn new_items_elsewhere_move_nothing() {
+    // Items added to unrelated modules (before and after everything else) must not shift
+    // anything that enters a digest.
+    let moved = changed_by(&[
+        (
+            "src/lib.rs",
+            "pub mod attacks;",
+            "pub mod attacks;\nthread_local! { static X: u8 = const { 0 }; }",
+        ),
+        (
+            "src/cli/mod.rs",
+            "fn human_bytes(b: u64) -> String {",
+            "fn unrelated_helper() {}\nfn human_bytes(b: u64) -> String {",
+        ),
+    ]);
+    // A new item-level macro call is in every identity (it has no name to be reached by).
+    assert_eq!(moved.len(), ROOTS.len(), "{moved:?}");
+    let moved = changed_by(&[(
+        "src/cli/mod.rs",
+        "fn human_bytes(b: u64) -> String {",
+        "fn unrelated_helper() {}\nmacro_rules! unrelated { () => {}; }\nfn human_bytes(b: u64) -> String {",
+    )]);
+    assert!(moved.is_empty(), "moved: {moved:?}");
+}
+
+#[test]
 fn the_command_line_and_reports_move_nothing() {
     let moved = changed_by(&[
         (

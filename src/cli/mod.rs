@@ -81,6 +81,18 @@ pub struct ShareArgs {
 pub enum Format {
     Markdown,
     Csv,
+    /// A booktabs table to `\input` (best bold, second best underlined).
+    Latex,
+    /// One standalone page: the table, the figures, the provenance.
+    Html,
+}
+
+/// An error with a specific exit status (`check`: 1 regressed, 2 incomplete).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    pub code: i32,
+    pub message: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -106,6 +118,36 @@ pub enum Command {
         /// Write the report to this file instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Show each value's change against a baseline: a CSV from `report --format csv`,
+        /// or `paper` (the spec's reference values).
+        #[arg(long, value_name = "BASE")]
+        compare: Option<String>,
+        /// Compare with what another store holds for the same spec.
+        #[arg(long, value_name = "DIR", conflicts_with = "compare")]
+        compare_store: Option<PathBuf>,
+        /// Write the spec's `figures:` here as PNG and SVG (HTML reports embed them anyway).
+        #[arg(long, value_name = "DIR")]
+        figures: Option<PathBuf>,
+    },
+    /// Regression gate: compare every cell the spec plans with a baseline; exit 0 when
+    /// nothing regressed, 1 when something did, 2 when cells are missing or the baseline
+    /// cannot be read.
+    Check {
+        #[command(flatten)]
+        common: Common,
+        /// A CSV from `report --format csv`, or `paper` (the spec's reference values).
+        #[arg(long, value_name = "BASE", required_unless_present = "baseline_store")]
+        baseline: Option<String>,
+        /// Another store holding the same spec.
+        #[arg(long, value_name = "DIR", conflicts_with = "baseline")]
+        baseline_store: Option<PathBuf>,
+        /// Tolerances in points: `asr=1,ca=1` (the default), or per cell
+        /// `cifar10/*/ieu:asr=2` (repeatable; `*` matches any).
+        #[arg(long = "tol")]
+        tol: Vec<String>,
+        /// Also write the result as JUnit XML.
+        #[arg(long)]
+        junit: Option<PathBuf>,
     },
     /// Print a step's manifest (kind, parameters, inputs, output digests, duration, backend).
     Show {
@@ -271,6 +313,55 @@ fn load(
         tracing::warn!("cannot save the data-file digest cache: {e:#}");
     }
     Ok((spec, scale, plan, store))
+}
+
+/// What `report` and `check` read: the spec, its plan (the grid entries that can be
+/// planned), the store and the collected metrics.
+fn load_report(
+    common: &Common,
+) -> Result<(
+    LoadedSpec,
+    crate::dag::Plan,
+    Store,
+    polars::prelude::DataFrame,
+)> {
+    let (mut spec, _scale, plan, store) = load(common, true)?;
+    for s in &plan.skipped {
+        let (axis, name) = s.split_once(' ').unwrap();
+        spec.spec.grid.axis_mut(axis).unwrap().retain(|v| v != name);
+    }
+    if !plan.skipped.is_empty() {
+        eprintln!(
+            "note: not implemented yet or data not found, left out of the report: {}",
+            plan.skipped.join(", ")
+        );
+    }
+    let df = crate::report::collect(&plan, &store)?;
+    Ok((spec, plan, store, df))
+}
+
+/// `paper` or a CSV file.
+fn load_baseline(spec: &LoadedSpec, base: &str) -> Result<crate::report::Baseline> {
+    if base == "paper" {
+        crate::report::compare::from_paper(spec)
+    } else {
+        crate::report::compare::from_csv(std::path::Path::new(base))
+    }
+}
+
+/// What another store holds for the same spec, planned the same way.
+fn baseline_from_store(common: &Common, dir: &std::path::Path) -> Result<crate::report::Baseline> {
+    let other = Common {
+        store: dir.to_path_buf(),
+        ..common.clone()
+    };
+    let (_, _, _, df) = load_report(&other)?;
+    let mut cells = crate::report::values_by_cell(&df)?;
+    cells.retain(|_, v| !v.is_empty());
+    Ok(crate::report::Baseline {
+        source: format!("store {}", dir.display()),
+        cells,
+    })
 }
 
 /// Opens an existing store (never creating one) and resolves a step hash or prefix in it.
@@ -463,27 +554,180 @@ pub fn main(cli: Cli) -> Result<()> {
             common,
             format,
             out,
+            compare,
+            compare_store,
+            figures,
         } => {
-            let (mut spec, _scale, plan, store) = load(&common, true)?;
-            // Report only the grid entries that could be planned.
-            for s in &plan.skipped {
-                let (axis, name) = s.split_once(' ').unwrap();
-                spec.spec.grid.axis_mut(axis).unwrap().retain(|v| v != name);
+            let (spec, plan, store, mut df) = load_report(&common)?;
+            let mut html_figures = Vec::new();
+            for fig in &spec.spec.figures {
+                let panels = match crate::report::figures::panels(fig, &plan, &store) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("note: figure {} left out: {e:#}", fig.name);
+                        continue;
+                    }
+                };
+                let svg = match &figures {
+                    Some(dir) => {
+                        let svg = crate::report::figures::write(fig, &panels, dir)?;
+                        eprintln!("wrote {0}/{1}.png and {0}/{1}.svg", dir.display(), fig.name);
+                        svg
+                    }
+                    None if format == Format::Html => crate::report::figures::svg(fig, &panels)?,
+                    None => continue,
+                };
+                html_figures.push(crate::report::HtmlFigure {
+                    title: fig.title.clone(),
+                    svg: Some(svg),
+                    png_data_uri: None,
+                });
             }
-            let mut df = crate::report::collect(&plan, &store)?;
-            if !plan.skipped.is_empty() {
-                eprintln!(
-                    "note: not implemented yet or data not found, left out of the report: {}",
-                    plan.skipped.join(", ")
-                );
-            }
+            let baseline = match (compare, compare_store) {
+                (Some(b), _) => Some(load_baseline(&spec, &b)?),
+                (None, Some(dir)) => Some(baseline_from_store(&common, &dir)?),
+                (None, None) => None,
+            };
+            let table = crate::report::build_table(&df, &spec, &common.scale, baseline.as_ref())?;
             let text = match format {
                 Format::Csv => crate::report::to_csv(&mut df)?,
-                Format::Markdown => crate::report::to_markdown(&df, &spec, &common.scale)?,
+                Format::Markdown => crate::report::to_markdown(&table)?,
+                Format::Latex => crate::report::to_latex(&table)?,
+                Format::Html => {
+                    // The triggers of the table's attacks on a test image (Figures 4 and 5).
+                    let mut names: Vec<String> = Vec::new();
+                    for a in &spec.spec.grid.attack {
+                        let base = spec.spec.attack_base(a).to_string();
+                        if base != "none" && !names.contains(&base) {
+                            names.push(base);
+                        }
+                    }
+                    let dataset = &spec.spec.grid.dataset[0];
+                    let scale = spec.scale(&common.scale)?;
+                    match crate::report::preview::render(
+                        dataset,
+                        common.data_dir.as_deref(),
+                        &scale,
+                        &names,
+                        0,
+                    ) {
+                        Ok(r) => {
+                            use base64::Engine;
+                            html_figures.push(crate::report::HtmlFigure {
+                                title: format!(
+                                    "The triggers on a {dataset} test image: clean, poisoned, amplified difference (Figures 4 and 5)"
+                                ),
+                                svg: None,
+                                png_data_uri: Some(format!(
+                                    "data:image/png;base64,{}",
+                                    base64::engine::general_purpose::STANDARD.encode(&r.png)
+                                )),
+                            });
+                        }
+                        Err(e) => eprintln!("note: trigger grid left out: {e:#}"),
+                    }
+                    crate::report::to_html(&table, &html_figures)?
+                }
             };
             match out {
                 Some(p) => crate::store::write_atomic(&p, text.as_bytes())?,
                 None => print!("{text}"),
+            }
+            Ok(())
+        }
+        Command::Check {
+            common,
+            baseline,
+            baseline_store,
+            tol,
+            junit,
+        } => {
+            let tol = crate::report::compare::Tolerances::parse(&tol)?;
+            let (spec, _plan, _store, df) = load_report(&common)?;
+            let exit2 = |e: anyhow::Error| Exit {
+                code: 2,
+                message: format!("{e:#}"),
+            };
+            let paper = baseline.as_deref() == Some("paper");
+            let base = match (&baseline, &baseline_store) {
+                (Some(b), _) => load_baseline(&spec, b).map_err(exit2)?,
+                (None, Some(dir)) => baseline_from_store(&common, dir).map_err(exit2)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let values = crate::report::values_by_cell(&df)?;
+            let mut now = std::collections::BTreeMap::new();
+            for row in 0..df.height() {
+                let cell = crate::report::cell_name(&df, row)?;
+                let computed = df.column("ca")?.f64()?.get(row).is_some();
+                now.insert(cell.clone(), computed.then(|| values[&cell].clone()));
+            }
+            let checks = crate::report::compare::check(&now, &base, &tol, paper);
+            use crate::report::compare::Verdict;
+            let count = |v: Verdict| checks.iter().filter(|c| c.verdict == v).count();
+            let moved: Vec<_> = checks
+                .iter()
+                .filter(|c| c.verdict != Verdict::Unchanged)
+                .collect();
+            if !moved.is_empty() {
+                println!(
+                    "{:<40} {:<14} {:>9} {:>9} {:>8}  verdict",
+                    "cell", "metric", "baseline", "now", "delta"
+                );
+                let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
+                for c in &moved {
+                    let verdict = match c.verdict {
+                        Verdict::Regressed => format!("REGRESSED (tolerance {})", c.tolerance),
+                        Verdict::Improved => "improved".into(),
+                        Verdict::WithinTolerance => "within tolerance".into(),
+                        Verdict::Missing => format!("MISSING: {}", c.note),
+                        Verdict::Unchanged => "unchanged".into(),
+                    };
+                    println!(
+                        "{:<40} {:<14} {:>9} {:>9} {:>8}  {verdict}",
+                        c.cell,
+                        c.metric,
+                        f(c.baseline),
+                        f(c.now),
+                        c.delta
+                            .map(|d| format!("{d:+.2}"))
+                            .unwrap_or_else(|| "–".into())
+                    );
+                }
+            }
+            let (reg, missing) = (count(Verdict::Regressed), count(Verdict::Missing));
+            println!(
+                "check against {}: {} values compared: {reg} regressed, {} improved, {} within tolerance, {} unchanged, {missing} missing",
+                base.source,
+                checks.len(),
+                count(Verdict::Improved),
+                count(Verdict::WithinTolerance),
+                count(Verdict::Unchanged)
+            );
+            if let Some(path) = junit {
+                let xml = crate::report::compare::junit(
+                    &checks,
+                    &format!("ieu-bench check {}", spec.spec.name),
+                )?;
+                crate::store::write_atomic(&path, xml.as_bytes())?;
+            }
+            if missing > 0 {
+                return Err(Exit {
+                    code: 2,
+                    message: format!("{missing} values could not be compared (cells missing here or in the baseline)"),
+                }
+                .into());
+            }
+            if reg > 0 {
+                let cells: Vec<String> = checks
+                    .iter()
+                    .filter(|c| c.verdict == Verdict::Regressed)
+                    .map(|c| format!("{} {}", c.cell, c.metric))
+                    .collect();
+                return Err(Exit {
+                    code: 1,
+                    message: format!("{reg} regressions: {}", cells.join(", ")),
+                }
+                .into());
             }
             Ok(())
         }
@@ -848,90 +1092,21 @@ pub fn main(cli: Cli) -> Result<()> {
                 "<embedded experiments/scales.yaml>",
                 &scale,
             )?;
-            let size = scale.image_size;
-            // The test images to draw on, and a pool of 320 training images for the
-            // throwaway ISSBA encoder and CAT f_p (see src/report/preview.rs).
-            let (raw, pool_n) = match dataset.as_str() {
-                "synthetic" => (crate::data::synthetic::generate(0, 320, 200, size), 320),
-                "cifar10" => {
-                    let dir = crate::data::cifar10::find(data_dir.as_deref())?;
-                    (crate::data::cifar10::load(&dir)?, 320)
-                }
-                other => {
-                    // Other datasets: their test images, which also serve as the pool.
-                    let test = crate::data::load_test(other, data_dir.as_deref(), size)?;
-                    let n = test
-                        .labels
-                        .iter()
-                        .map(|&l| l as usize + 1)
-                        .max()
-                        .unwrap_or(1);
-                    let raw = crate::data::RawSplits {
-                        train: test.clone(),
-                        test,
-                        classes: (0..n).map(|c| c.to_string()).collect(),
-                        mean: crate::data::gtsrb::MEAN,
-                        std: crate::data::gtsrb::STD,
-                    };
-                    (raw, 320)
-                }
-            };
-            let test = crate::data::resize_set(&raw.test, size);
-            let pool = crate::data::resize_set(
-                &raw.train
-                    .subset(&(0..pool_n.min(raw.train.len())).collect::<Vec<_>>()),
-                size,
-            );
-            let meta = crate::data::DatasetMeta {
-                name: dataset.clone(),
-                classes: raw.classes.clone(),
-                image_size: size,
-                mean: raw.mean,
-                std: raw.std,
-                pretrain: 0,
-                tune: pool.len(),
-                test: test.len(),
-            };
-            let target = 1;
-            let pick = (0..test.len())
-                .filter(|&i| test.labels[i] as usize != target)
-                .nth(index);
-            let Some(i) = pick else {
-                bail!("--index {index}: not enough test images")
-            };
-            let attacks = if attacks.is_empty() {
-                let all: Vec<String> = crate::spec::ATTACKS
-                    .iter()
-                    .filter(|(_, a)| *a == crate::spec::Availability::Implemented)
-                    .map(|(n, _)| n.to_string())
-                    .collect();
-                let missing: Vec<&str> = crate::spec::ATTACKS
-                    .iter()
-                    .filter(|(_, a)| *a != crate::spec::Availability::Implemented)
-                    .map(|(n, _)| *n)
-                    .collect();
-                if !missing.is_empty() {
-                    eprintln!(
-                        "note: not implemented yet, not drawn: {}",
-                        missing.join(", ")
-                    );
-                }
-                all
-            } else {
-                attacks
-            };
-            let mut poisoner = crate::report::preview::Poisoner::new(&pool, &meta, &scale, target);
-            crate::report::preview::write_preview(
-                test.image(i),
-                size,
+            let r = crate::report::preview::render(
+                &dataset,
+                data_dir.as_deref(),
+                &scale,
                 &attacks,
-                &mut poisoner,
-                &out,
+                index,
             )?;
+            crate::store::write_atomic(&out, &r.png)?;
             println!(
-                "wrote {} ({} attacks on {dataset} test image {i}, {size}x{size})",
+                "wrote {} ({} attacks on {dataset} test image {}, {}x{})",
                 out.display(),
-                attacks.len()
+                r.attacks,
+                r.image,
+                scale.image_size,
+                scale.image_size
             );
             Ok(())
         }

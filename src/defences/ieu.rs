@@ -323,10 +323,64 @@ pub fn run_stage1_step(
         loss: p.loss.clone(),
     };
     let (fp, log) = train_supervised(fp, &tune, &meta, &sup, &ad)?;
-    crate::models::save_vit(&fp.valid(), &cfg, out)?;
+    let fp = fp.valid();
+    crate::models::save_vit(&fp, &cfg, out)?;
     let info = serde_json::json!({ "loss_per_epoch": log });
-    crate::store::write_json(&out.join("train_log.json"), &info)
+    crate::store::write_json(&out.join("train_log.json"), &info)?;
+    // max σ(f_p(x)) of every finetuning image, as stage 2's gate computes it (the same
+    // function, batch size and saved weights): the paper's Figures 2, 3 and 6.
+    let poisoned = crate::attacks::load_poison_indices(poison)?;
+    let confidences = Confidences::of(&fp, &tune, &meta, &poisoned, device);
+    crate::store::write_json(&out.join(CONFIDENCES), &confidences)
 }
+
+/// File of the stage-1 step with f_p's confidence on every finetuning image.
+pub const CONFIDENCES: &str = "confidences.json";
+
+/// f_p's maximum class probability on each finetuning image, and which images are
+/// poisoned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Confidences {
+    pub max_prob: Vec<f32>,
+    pub poisoned: Vec<bool>,
+}
+
+impl Confidences {
+    fn of(
+        fp: &crate::models::Vit,
+        tune: &ImageSet,
+        meta: &DatasetMeta,
+        poisoned: &[usize],
+        device: &Device,
+    ) -> Self {
+        let logits = gate_logits(fp, tune, meta, GATE_BATCH, device);
+        let mut flags = vec![false; tune.len()];
+        for &i in poisoned {
+            if i < flags.len() {
+                flags[i] = true;
+            }
+        }
+        Self {
+            max_prob: logits.iter().map(|l| max_softmax(l)).collect(),
+            poisoned: flags,
+        }
+    }
+
+    /// Reads a stage-1 step's confidences.
+    pub fn load(stage1: &Path) -> Result<Self> {
+        let path = stage1.join(CONFIDENCES);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} (a stage-1 step computed before confidences were stored)",
+                path.display()
+            )
+        })?;
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+/// Batch size of f_p's pass over the finetuning set (the gate and the confidences).
+const GATE_BATCH: usize = 256;
 
 /// Eq. 3's factor on lr_tune: 1 for the first unlearned batch of an epoch (k = 0), else
 /// max(6 − exp(−(ln N_c − ℓ_{k−1}/√2)), 0.2).
@@ -487,7 +541,7 @@ pub fn run_stage2(
     let tune = ImageSet::load(&inputs.poison.join("tune.safetensors"))?;
     let poison_idx = crate::attacks::load_poison_indices(inputs.poison)?;
     let (fp, _) = crate::models::load_vit(stage1, device)?;
-    let fp_logits = gate_logits(&fp, &tune, &meta, 256, device);
+    let fp_logits = gate_logits(&fp, &tune, &meta, GATE_BATCH, device);
     let Stage2Settings {
         c_thresh,
         ref selection,

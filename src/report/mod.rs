@@ -1,5 +1,10 @@
-//! Reports: Polars collects the metrics of every grid cell; minijinja renders the tables.
+//! Reports: Polars collects the metrics of every grid cell from the store; one table model
+//! ([`Table`]) holds what every format shows (values, the best and second best per row,
+//! reference values, deltas against a baseline, provenance), and minijinja renders it as
+//! markdown, LaTeX or HTML from `templates/`. CSV is the collected frame itself.
 
+pub mod compare;
+pub mod figures;
 pub mod preview;
 
 use std::collections::BTreeMap;
@@ -16,6 +21,10 @@ use crate::store::Store;
 
 /// The markdown template, embedded from `templates/table.md.j2`.
 pub const TABLE_TEMPLATE: &str = include_str!("../../templates/table.md.j2");
+/// The LaTeX (booktabs) template.
+pub const LATEX_TEMPLATE: &str = include_str!("../../templates/table.tex.j2");
+/// The standalone HTML page.
+pub const HTML_TEMPLATE: &str = include_str!("../../templates/report.html.j2");
 
 /// Metric columns of the collected frame, in order.
 pub const METRIC_COLUMNS: &[&str] = crate::spec::METRICS;
@@ -69,29 +78,55 @@ pub fn to_csv(df: &mut DataFrame) -> Result<String> {
     Ok(String::from_utf8(buf)?)
 }
 
+/// A metric value as every format prints it: two decimals, exactly as `{:.2}` rounds
+/// (so a value compares equal to its own CSV).
+pub fn round2(v: f64) -> f64 {
+    format!("{v:.2}").parse().unwrap_or(v)
+}
+
 fn value(df: &DataFrame, row: usize, metric: &str) -> Result<Option<f64>> {
     Ok(df.column(metric)?.f64()?.get(row))
 }
 
-#[derive(Serialize)]
-struct CellKey {
-    cell: String,
-    key: String,
+/// A cell's name, `dataset/attack/defence`.
+pub fn cell_name(df: &DataFrame, row: usize) -> Result<String> {
+    Ok(format!(
+        "{}/{}/{}",
+        text(df, row, "dataset")?,
+        text(df, row, "attack")?,
+        text(df, row, "defence")?
+    ))
+}
+
+/// Every metric value of the frame by cell name (values rounded as printed).
+pub fn values_by_cell(df: &DataFrame) -> Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    let mut out = BTreeMap::new();
+    for row in 0..df.height() {
+        let mut vals = BTreeMap::new();
+        for m in METRIC_COLUMNS {
+            if let Some(v) = value(df, row, m)? {
+                vals.insert(m.to_string(), round2(v));
+            }
+        }
+        out.insert(cell_name(df, row)?, vals);
+    }
+    Ok(out)
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct CellKey {
+    pub cell: String,
+    pub key: String,
 }
 
 /// Every cell of the report with the key of the evaluate step it shows, and one key for
 /// the whole report (blake3 of the cells and their keys): what `pull` needs to fetch
 /// exactly these results.
-fn provenance(df: &DataFrame) -> Result<(Vec<CellKey>, String)> {
+pub fn provenance(df: &DataFrame) -> Result<(Vec<CellKey>, String)> {
     let mut cells = Vec::new();
     let mut h = blake3::Hasher::new();
     for row in 0..df.height() {
-        let cell = format!(
-            "{}/{}/{}",
-            text(df, row, "dataset")?,
-            text(df, row, "attack")?,
-            text(df, row, "defence")?
-        );
+        let cell = cell_name(df, row)?;
         let key = text(df, row, "evaluate_step")?;
         h.update(cell.as_bytes());
         h.update(b"=");
@@ -111,59 +146,118 @@ fn text(df: &DataFrame, row: usize, col: &str) -> Result<String> {
         .to_string())
 }
 
-#[derive(Serialize)]
-struct Value {
-    text: String,
-    bold: bool,
+/// One value of the table.
+#[derive(Serialize, Clone, Debug)]
+pub struct TCell {
+    /// The value as printed: two decimals, `–` where the metric does not apply to the
+    /// defence, `…` where the cell has not been computed.
+    pub text: String,
+    pub value: Option<f64>,
+    /// The reference value (e.g. the paper's), two decimals.
+    pub reference: Option<String>,
+    /// Signed difference to the compared baseline, two decimals (`+1.20`, `−0.35`).
+    pub delta: Option<String>,
+    pub best: bool,
+    pub second: bool,
 }
 
-#[derive(Serialize)]
-struct Row {
-    labels: Vec<String>,
-    values: Vec<Value>,
-    average: bool,
+#[derive(Serialize, Clone, Debug)]
+pub struct TRow {
+    pub labels: Vec<String>,
+    /// Whether this row starts a new outermost group (LaTeX rules, HTML borders).
+    pub first_of_group: bool,
+    pub cells: Vec<TCell>,
+    pub average: bool,
 }
 
-/// Marks the best value of each metric across column groups in one row.
-fn mark_best(
-    values: &mut [Value],
-    raw: &[Option<f64>],
+/// What every format shows.
+#[derive(Serialize, Debug)]
+pub struct Table {
+    pub name: String,
+    pub title: String,
+    pub spec: String,
+    pub scale: String,
+    pub backend: String,
+    pub tool_version: String,
+    pub row_axes: Vec<String>,
+    pub groups: Vec<String>,
+    pub metrics: Vec<String>,
+    pub metric_titles: Vec<String>,
+    pub rows: Vec<TRow>,
+    pub missing: usize,
+    pub reference: Option<String>,
+    pub compare: Option<String>,
+    pub gate_columns: bool,
+    pub isolation_columns: bool,
+    pub cells: Vec<CellKey>,
+    pub report_key: String,
+}
+
+/// A baseline to compare with: values by cell name and metric.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    /// What it is (`base.csv`, `the paper's Table 3`, `store ../old`).
+    pub source: String,
+    pub cells: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+fn signed(d: f64) -> String {
+    let d = round2(d);
+    if d > 0.0 {
+        format!("+{d:.2}")
+    } else if d < 0.0 {
+        format!("−{:.2}", -d)
+    } else {
+        "±0.00".into()
+    }
+}
+
+/// Marks the best and second-best value of each metric across column groups in one row
+/// (ties share the mark; values compare as printed).
+fn mark_ranks(
+    cells: &mut [TCell],
     groups: usize,
     metrics: &[String],
     best: &BTreeMap<String, Better>,
 ) {
     for (mi, m) in metrics.iter().enumerate() {
         let Some(rule) = best.get(m) else { continue };
-        let present: Vec<f64> = (0..groups)
-            .filter_map(|g| raw[g * metrics.len() + mi])
+        let mut present: Vec<f64> = (0..groups)
+            .filter_map(|g| cells[g * metrics.len() + mi].value.map(round2))
             .collect();
         if present.len() < 2 {
             continue;
         }
-        let target = match rule {
-            Better::Min => present.iter().cloned().fold(f64::INFINITY, f64::min),
-            Better::Max => present.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-        };
+        present.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if *rule == Better::Max {
+            present.reverse();
+        }
+        present.dedup();
+        let first = present[0];
+        let second = present.get(1).copied();
         for g in 0..groups {
-            let i = g * metrics.len() + mi;
-            if let Some(v) = raw[i] {
-                if format!("{v:.2}") == format!("{target:.2}") {
-                    values[i].bold = true;
-                }
+            let c = &mut cells[g * metrics.len() + mi];
+            if let Some(v) = c.value.map(round2) {
+                c.best = v == first;
+                c.second = Some(v) == second;
             }
         }
     }
 }
 
-/// Markdown mirroring the paper's table: rows = the spec's row axes, column groups = the
-/// column axis, metrics under each group, an averages row per outermost row group, best
-/// values bold.
-pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<String> {
+/// The table of `df` as the spec's `report:` section lays it out: rows = the row axes,
+/// column groups = the column axis, the metrics under each group, an averages row per
+/// outermost row group; with `baseline`, each value's delta against it.
+pub fn build_table(
+    df: &DataFrame,
+    spec: &LoadedSpec,
+    scale: &str,
+    baseline: Option<&Baseline>,
+) -> Result<Table> {
     let layout = &spec.spec.report;
     let grid = &spec.spec.grid;
     let groups: Vec<String> = grid.axis(&layout.columns).unwrap().clone();
     let metrics = &layout.metrics;
-    // Index the frame by (row labels, column group).
     let mut index: BTreeMap<(Vec<String>, String), usize> = BTreeMap::new();
     for r in 0..df.height() {
         let labels = layout
@@ -173,7 +267,6 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
             .collect::<Result<Vec<_>>>()?;
         index.insert((labels, text(df, r, &layout.columns)?), r);
     }
-    // Row label tuples in grid order.
     let mut row_keys: Vec<Vec<String>> = vec![vec![]];
     for axis in &layout.rows {
         let vals = grid.axis(axis).unwrap();
@@ -185,51 +278,29 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
             })
             .collect();
     }
-    // Averages per outermost row group and column group, computed by Polars over the cells
-    // that have values.
-    let outer = &layout.rows[0];
-    let mut averages: BTreeMap<(String, String), BTreeMap<String, f64>> = BTreeMap::new();
-    if layout.average {
-        for ov in grid.axis(outer).unwrap() {
-            for g in &groups {
-                let mask = df.column(outer)?.str()?.equal(ov.as_str())
-                    & df.column(&layout.columns)?.str()?.equal(g.as_str());
-                let part = df.filter(&mask)?;
-                let mut vals = BTreeMap::new();
-                for m in metrics {
-                    if let Some(v) = part.column(m)?.f64()?.mean() {
-                        vals.insert(m.clone(), v);
-                    }
-                }
-                averages.insert((ov.clone(), g.clone()), vals);
-            }
-        }
-    }
     let reference = layout.reference.as_ref();
+    let outer = &layout.rows[0];
     let mut rows = Vec::new();
     let mut missing = 0usize;
-    let outer_values = grid.axis(outer).unwrap();
-    for ov in outer_values {
-        for labels in row_keys.iter().filter(|l| &l[0] == ov) {
-            let mut raw = Vec::new();
-            let mut values = Vec::new();
-            for g in &groups {
+    for ov in grid.axis(outer).unwrap() {
+        // Per column group and metric: the values (and baseline values) of this outer
+        // group, for its averages row.
+        let mut sums: BTreeMap<(usize, usize), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        for (li, labels) in row_keys.iter().filter(|l| &l[0] == ov).enumerate() {
+            let mut cells = Vec::new();
+            for (gi, g) in groups.iter().enumerate() {
                 let r = index.get(&(labels.clone(), g.clone())).copied();
-                for m in metrics {
-                    // A cell not yet run shows "…"; a metric that does not apply to the
-                    // defence (e.g. gate statistics without IEU) shows "–".
-                    let run = r
-                        .map(|r| {
-                            df.column("ca")
-                                .and_then(|c| c.f64().map(|c| c.get(r).is_some()))
-                        })
-                        .transpose()?
-                        .unwrap_or(false);
+                let name = cell_key(&layout.rows, labels, &layout.columns, g);
+                for (mi, m) in metrics.iter().enumerate() {
+                    let run = match r {
+                        Some(r) => value(df, r, "ca")?.is_some(),
+                        None => false,
+                    };
                     let v = match r {
                         Some(r) => value(df, r, m)?,
                         None => None,
                     };
-                    let mut text = match (v, run) {
+                    let text = match (v, run) {
                         (Some(v), _) => format!("{v:.2}"),
                         (None, true) => "–".into(),
                         (None, false) => {
@@ -237,73 +308,204 @@ pub fn to_markdown(df: &DataFrame, spec: &LoadedSpec, scale: &str) -> Result<Str
                             "…".into()
                         }
                     };
-                    if let Some(refs) = reference {
-                        let cell_key = cell_key(&layout.rows, labels, &layout.columns, g);
-                        if let Some(rv) = refs.cells.get(&cell_key).and_then(|c| c.get(m)) {
-                            text = format!("{text} ({rv:.2})");
+                    let refv = reference
+                        .and_then(|refs| refs.cells.get(&name))
+                        .and_then(|c| c.get(m))
+                        .map(|rv| format!("{rv:.2}"));
+                    let base = baseline
+                        .and_then(|b| b.cells.get(&name))
+                        .and_then(|c| c.get(m));
+                    let delta = match (v, base) {
+                        (Some(v), Some(b)) => Some(signed(round2(v) - b)),
+                        _ => None,
+                    };
+                    if let Some(v) = v {
+                        let e = sums.entry((gi, mi)).or_default();
+                        e.0.push(v);
+                        if let Some(b) = base {
+                            e.1.push(round2(v) - b);
                         }
                     }
-                    raw.push(v);
-                    values.push(Value { text, bold: false });
+                    cells.push(TCell {
+                        text,
+                        value: v,
+                        reference: refv,
+                        delta,
+                        best: false,
+                        second: false,
+                    });
                 }
             }
-            mark_best(&mut values, &raw, groups.len(), metrics, &layout.best);
-            rows.push(Row {
+            mark_ranks(&mut cells, groups.len(), metrics, &layout.best);
+            rows.push(TRow {
                 labels: labels.clone(),
-                values,
+                first_of_group: li == 0,
+                cells,
                 average: false,
             });
         }
         if layout.average {
-            let mut raw = Vec::new();
-            let mut values = Vec::new();
-            for g in &groups {
-                for m in metrics {
-                    let v = averages
-                        .get(&(ov.clone(), g.clone()))
-                        .and_then(|a| a.get(m))
-                        .copied();
-                    raw.push(v);
-                    values.push(Value {
-                        text: v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
-                        bold: false,
+            let mut cells = Vec::new();
+            for gi in 0..groups.len() {
+                for mi in 0..metrics.len() {
+                    let (vals, deltas) = sums.get(&(gi, mi)).cloned().unwrap_or_default();
+                    let mean =
+                        |x: &[f64]| (!x.is_empty()).then(|| x.iter().sum::<f64>() / x.len() as f64);
+                    let v = mean(&vals);
+                    cells.push(TCell {
+                        text: v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "…".into()),
+                        value: v,
+                        reference: None,
+                        delta: mean(&deltas).map(signed),
+                        best: false,
+                        second: false,
                     });
                 }
             }
-            mark_best(&mut values, &raw, groups.len(), metrics, &layout.best);
+            mark_ranks(&mut cells, groups.len(), metrics, &layout.best);
             let mut labels = vec![ov.clone()];
             labels.extend(std::iter::repeat_n(String::new(), layout.rows.len() - 1));
             labels[layout.rows.len() - 1] = "Average".into();
-            rows.push(Row {
+            rows.push(TRow {
                 labels,
-                values,
+                first_of_group: false,
+                cells,
                 average: true,
             });
         }
     }
     let (cells, report_key) = provenance(df)?;
+    Ok(Table {
+        name: spec.spec.name.clone(),
+        title: spec.spec.title.clone(),
+        spec: spec.origin.clone(),
+        scale: scale.to_string(),
+        backend: crate::backend_name().to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        row_axes: layout.rows.clone(),
+        groups,
+        metrics: metrics.clone(),
+        metric_titles: metrics
+            .iter()
+            .map(|m| metric_title(m).to_string())
+            .collect(),
+        rows,
+        missing,
+        reference: reference.map(|r| r.source.clone()),
+        compare: baseline.map(|b| b.source.clone()),
+        gate_columns: metrics.iter().any(|m| m.ends_with("_flagged")),
+        isolation_columns: metrics.iter().any(|m| m == "fpr" || m == "fnr"),
+        cells,
+        report_key,
+    })
+}
+
+/// Escapes text for LaTeX.
+fn latex_escape(s: String) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\textbackslash{}"),
+            '&' | '%' | '$' | '#' | '_' | '{' | '}' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '~' => out.push_str("\\textasciitilde{}"),
+            '^' => out.push_str("\\textasciicircum{}"),
+            '–' => out.push_str("--"),
+            '…' => out.push_str("\\dots{}"),
+            '−' => out.push('-'),
+            '±' => out.push_str("$\\pm$"),
+            '²' => out.push_str("$^2$"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The paper's spelling of the grid's names (`ibau` → I-BAU, `cifar10` → CIFAR-10); other
+/// names (variants, a user's datasets) are shown as written.
+pub fn display_name(name: String) -> String {
+    let known = match name.as_str() {
+        "none" => "No defence",
+        "ieu" => "IEU",
+        "abl" => "ABL",
+        "ibau" => "I-BAU",
+        "attnblock" => "AttnBlock",
+        "cifar10" => "CIFAR-10",
+        "gtsrb" => "GTSRB",
+        "tinyimagenet" => "Tiny-ImageNet",
+        "synthetic" => "Synthetic",
+        "badnets-white" => "BadNets-White",
+        "badnets-pattern" => "BadNets-Pattern",
+        "issba" => "ISSBA",
+        "batt" => "BATT",
+        "blended" => "Blended",
+        "trojan-wm" => "Trojan-WM",
+        "trojan-sq" => "Trojan-SQ",
+        "smooth" => "Smooth",
+        "l0-inv" => "l0-inv",
+        "l2-inv" => "l2-inv",
+        "sig" => "SIG",
+        "wanet" => "WaNet",
+        _ => return name,
+    };
+    known.to_string()
+}
+
+fn environment() -> Result<Environment<'static>> {
     let mut env = Environment::new();
-    env.add_template("table", TABLE_TEMPLATE)?;
-    let tmpl = env.get_template("table")?;
-    let out = tmpl
-        .render(context! {
-            title => &spec.spec.title,
-            spec => &spec.origin,
-            scale => scale,
-            row_axes => &layout.rows,
-            groups => &groups,
-            metrics => metrics.iter().map(|m| metric_title(m)).collect::<Vec<_>>(),
-            rows => rows,
-            missing => missing,
-            reference => reference.map(|r| r.source.clone()),
-            gate_columns => metrics.iter().any(|m| m.ends_with("_flagged")),
-            isolation_columns => metrics.iter().any(|m| m == "fpr" || m == "fnr"),
-            backend => crate::backend_name(),
-            cells => cells,
-            report_key => report_key,
+    env.add_filter("latex", latex_escape);
+    env.add_filter("display", display_name);
+    env.add_template("table.md", TABLE_TEMPLATE)?;
+    env.add_template("table.tex", LATEX_TEMPLATE)?;
+    // `.html`: minijinja escapes every value (auto-escape by extension).
+    env.add_template("report.html", HTML_TEMPLATE)?;
+    Ok(env)
+}
+
+/// Markdown mirroring the paper's table (best bold, second best underlined).
+pub fn to_markdown(table: &Table) -> Result<String> {
+    let env = environment()?;
+    env.get_template("table.md")?
+        .render(context! { t => table })
+        .context("rendering the markdown report")
+}
+
+/// A booktabs table ready to `\input` (needs `\usepackage{booktabs}`).
+pub fn to_latex(table: &Table) -> Result<String> {
+    let env = environment()?;
+    env.get_template("table.tex")?
+        .render(context! { t => table })
+        .context("rendering the LaTeX report")
+}
+
+/// A figure embedded in the HTML report.
+#[derive(Serialize)]
+pub struct HtmlFigure {
+    pub title: String,
+    /// SVG markup (inlined as is) or a PNG as a data URI.
+    pub svg: Option<String>,
+    pub png_data_uri: Option<String>,
+}
+
+/// One standalone HTML page: the table, the figures, the provenance.
+pub fn to_html(table: &Table, figures: &[HtmlFigure]) -> Result<String> {
+    let env = environment()?;
+    let svgs: Vec<minijinja::Value> = figures
+        .iter()
+        .map(|f| {
+            context! {
+                title => &f.title,
+                svg => f.svg.clone().map(minijinja::Value::from_safe_string),
+                // base64 and `data:image/png;base64,`: nothing to escape.
+                png => f.png_data_uri.clone().map(minijinja::Value::from_safe_string),
+            }
         })
-        .context("rendering the markdown report")?;
-    Ok(out)
+        .collect();
+    env.get_template("report.html")?
+        .render(context! { t => table, figures => svgs })
+        .context("rendering the HTML report")
 }
 
 /// Column title of a metric.
@@ -320,7 +522,7 @@ pub fn metric_title(m: &str) -> &'static str {
     }
 }
 
-fn cell_key(row_axes: &[String], labels: &[String], col_axis: &str, group: &str) -> String {
+pub fn cell_key(row_axes: &[String], labels: &[String], col_axis: &str, group: &str) -> String {
     // Always dataset/attack/defence order.
     let mut parts = BTreeMap::new();
     for (a, l) in row_axes.iter().zip(labels) {

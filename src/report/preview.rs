@@ -219,13 +219,12 @@ impl<'a> Poisoner<'a> {
 }
 
 /// Draws the grid for `attacks` on one clean image and writes it to `out`.
-pub fn write_preview(
+pub fn preview_png(
     clean: &[u8],
     size: usize,
     attacks: &[String],
     poisoner: &mut Poisoner,
-    out: &Path,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let rows = attacks.len() as u32;
     let width = LABEL_W + 3 * (CELL + 8);
     let height = HEADER_H + rows * (CELL + 8);
@@ -259,6 +258,105 @@ pub fn write_preview(
     let mut png = std::io::Cursor::new(Vec::new());
     canvas
         .write_to(&mut png, image::ImageFormat::Png)
-        .map_err(|e| anyhow::anyhow!("cannot encode {}: {e}", out.display()))?;
-    crate::store::write_atomic(out, &png.into_inner())
+        .map_err(|e| anyhow::anyhow!("cannot encode the preview: {e}"))?;
+    Ok(png.into_inner())
+}
+
+/// A rendered trigger grid.
+pub struct Rendered {
+    pub png: Vec<u8>,
+    pub attacks: usize,
+    /// Index of the test image drawn on.
+    pub image: usize,
+}
+
+/// The trigger grid of `attacks` (all implemented ones when empty) on a test image of
+/// `dataset` (the paper's Figure 4; CAT rows show base image, CAT image and the amplified
+/// perturbation, as Figure 5): the PNG bytes.
+pub fn render(
+    dataset: &str,
+    data_dir: Option<&Path>,
+    scale: &crate::spec::Scale,
+    attacks: &[String],
+    index: usize,
+) -> Result<Rendered> {
+    let size = scale.image_size;
+    // The test images to draw on, and a pool of 320 training images for the
+    // throwaway ISSBA encoder and CAT f_p (see src/report/preview.rs).
+    let (raw, pool_n) = match dataset {
+        "synthetic" => (crate::data::synthetic::generate(0, 320, 200, size), 320),
+        "cifar10" => {
+            let dir = crate::data::cifar10::find(data_dir)?;
+            (crate::data::cifar10::load(&dir)?, 320)
+        }
+        other => {
+            // Other datasets: their test images, which also serve as the pool.
+            let test = crate::data::load_test(other, data_dir, size)?;
+            let n = test
+                .labels
+                .iter()
+                .map(|&l| l as usize + 1)
+                .max()
+                .unwrap_or(1);
+            let raw = crate::data::RawSplits {
+                train: test.clone(),
+                test,
+                classes: (0..n).map(|c| c.to_string()).collect(),
+                mean: crate::data::gtsrb::MEAN,
+                std: crate::data::gtsrb::STD,
+            };
+            (raw, 320)
+        }
+    };
+    let test = crate::data::resize_set(&raw.test, size);
+    let pool = crate::data::resize_set(
+        &raw.train
+            .subset(&(0..pool_n.min(raw.train.len())).collect::<Vec<_>>()),
+        size,
+    );
+    let meta = crate::data::DatasetMeta {
+        name: dataset.to_string(),
+        classes: raw.classes.clone(),
+        image_size: size,
+        mean: raw.mean,
+        std: raw.std,
+        pretrain: 0,
+        tune: pool.len(),
+        test: test.len(),
+    };
+    let target = 1;
+    let pick = (0..test.len())
+        .filter(|&i| test.labels[i] as usize != target)
+        .nth(index);
+    let Some(i) = pick else {
+        bail!("--index {index}: not enough test images")
+    };
+    let attacks = if attacks.is_empty() {
+        let all: Vec<String> = crate::spec::ATTACKS
+            .iter()
+            .filter(|(_, a)| *a == crate::spec::Availability::Implemented)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let missing: Vec<&str> = crate::spec::ATTACKS
+            .iter()
+            .filter(|(_, a)| *a != crate::spec::Availability::Implemented)
+            .map(|(n, _)| *n)
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "note: not implemented yet, not drawn: {}",
+                missing.join(", ")
+            );
+        }
+        all
+    } else {
+        attacks.to_vec()
+    };
+    let mut poisoner = Poisoner::new(&pool, &meta, scale, target);
+    let png = preview_png(test.image(i), size, &attacks, &mut poisoner)?;
+    Ok(Rendered {
+        png,
+        attacks: attacks.len(),
+        image: i,
+    })
 }

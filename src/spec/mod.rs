@@ -52,6 +52,38 @@ pub struct Spec {
     pub datasets: BTreeMap<String, DatasetEntry>,
     pub grid: Grid,
     pub report: ReportLayout,
+    /// Figures rendered by `report` (the paper's confidence CDFs, Figures 2, 3 and 6).
+    #[serde(default)]
+    pub figures: Vec<FigureSpec>,
+}
+
+/// A figure of f_p's confidence: one panel per grid cell, each the CDFs of max σ(f_p(x))
+/// on the clean and the poisoned finetuning images of the cell's stage-1 step.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FigureSpec {
+    /// File stem of the figure (`figure6` → figure6.png, figure6.svg).
+    pub name: String,
+    pub title: String,
+    /// Where the dotted line is drawn (the gate's threshold).
+    #[serde(default = "default_c_thresh")]
+    pub c_thresh: f64,
+    pub panels: Vec<PanelSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PanelSpec {
+    pub dataset: String,
+    pub attack: String,
+    /// An IEU defence (or variant): its stage-1 f_p is plotted.
+    pub defence: String,
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+fn default_c_thresh() -> f64 {
+    0.95
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -831,6 +863,30 @@ pub fn load_scale(text: &str, origin: &str, name: &str) -> Result<Scale> {
 }
 
 fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
+    for (fi, f) in spec.figures.iter().enumerate() {
+        if !(f.c_thresh > 0.0 && f.c_thresh < 1.0) {
+            bail!(
+                "{file}: field `figures[{fi}].c_thresh`: {} is not in (0, 1)",
+                f.c_thresh
+            );
+        }
+        if f.panels.is_empty() {
+            bail!("{file}: field `figures[{fi}].panels`: give at least one panel");
+        }
+        for (pi, p) in f.panels.iter().enumerate() {
+            for (axis, v) in [
+                ("dataset", &p.dataset),
+                ("attack", &p.attack),
+                ("defence", &p.defence),
+            ] {
+                if !spec.grid.axis(axis).is_some_and(|a| a.contains(v)) {
+                    bail!(
+                        "{file}: field `figures[{fi}].panels[{pi}].{axis}`: '{v}' is not in grid.{axis}"
+                    );
+                }
+            }
+        }
+    }
     let d = &spec.defaults;
     if !(0.0..1.0).contains(&d.poison_rate) {
         bail!(
