@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the tests start on loopback, from the package registries; idempotent.
-# - moto_server (PyPI `moto[server]`): the S3-compatible server of tests/share.rs.
+# - moto_server (PyPI `moto[server]`): the S3-compatible server of tests/share.rs;
+# - pdflatex (Debian `texlive-latex-recommended`): tests/reports.rs compiles a LaTeX table.
 set -euo pipefail
+if command -v pdflatex >/dev/null 2>&1; then
+  echo "== pdflatex: $(command -v pdflatex)"
+elif command -v apt-get >/dev/null 2>&1; then
+  echo "== installing texlive-latex-recommended from Debian"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq texlive-latex-recommended >/dev/null
+fi
 if command -v moto_server >/dev/null 2>&1; then
   echo "== moto_server: $(command -v moto_server)"
 else

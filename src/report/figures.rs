@@ -188,7 +188,8 @@ where
             chart
                 .draw_series(std::iter::once(Text::new(
                     format!("{below:.1}%"),
-                    (0.02, (y + 0.015).min(0.97)),
+                    // Beside the threshold line, where the dotted line meets it.
+                    ((c_thresh - 0.16).max(0.0), (y + 0.045).min(0.99)),
                     ("sans-serif", 12).into_font().color(&color),
                 )))
                 .map_err(e)?;
