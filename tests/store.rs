@@ -175,20 +175,24 @@ fn spawn_run(spec: &Path, store: &Path) -> std::process::Child {
     .unwrap()
 }
 
-#[test]
-fn concurrent_runs_compute_every_step_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = slower_spec(dir.path());
-    let solo_store = dir.path().join("solo");
-    let solo = ok(&[
+/// A run of `spec` alone into `store`: its output and the number of steps.
+fn solo_run(spec: &Path, store: &Path) -> (String, usize) {
+    let out = ok(&[
         "run",
         spec.to_str().unwrap(),
         "--scale",
         "smoke",
         "--store",
-        solo_store.to_str().unwrap(),
+        store.to_str().unwrap(),
     ]);
-    let total = objects(&solo_store).len();
+    (out, objects(store).len())
+}
+
+#[test]
+fn concurrent_runs_compute_every_step_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = slower_spec(dir.path());
+    let (solo, total) = solo_run(&spec, &dir.path().join("solo"));
     assert_eq!(ran(&solo), total);
 
     let shared = dir.path().join("shared");
@@ -216,16 +220,7 @@ fn concurrent_runs_compute_every_step_once() {
 fn four_concurrent_runs_survive_a_kill_of_one() {
     let dir = tempfile::tempdir().unwrap();
     let spec = slower_spec(dir.path());
-    let solo_store = dir.path().join("solo");
-    let solo = ok(&[
-        "run",
-        spec.to_str().unwrap(),
-        "--scale",
-        "smoke",
-        "--store",
-        solo_store.to_str().unwrap(),
-    ]);
-    let total = objects(&solo_store).len();
+    let (solo, total) = solo_run(&spec, &dir.path().join("solo"));
     let shared = dir.path().join("shared");
     let mut kids: Vec<_> = (0..4).map(|_| spawn_run(&spec, &shared)).collect();
     // Kill -9 the run that is computing a step (its staging directory names its pid).
