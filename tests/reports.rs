@@ -314,7 +314,7 @@ fn figures_agree_with_the_gate_statistics() {
     assert!(o.status.success(), "{}", err_of(&o));
     let png = std::fs::read(figs.join("conf.png")).unwrap();
     let img = image::load_from_memory(&png).unwrap();
-    assert_eq!((img.width(), img.height()), (880, 400));
+    assert_eq!((img.width(), img.height()), (960, 420));
     let svg = std::fs::read_to_string(figs.join("conf.svg")).unwrap();
     // The percentages below c_thresh in the figure are 100 − the gate's flagged shares.
     let csv = ok(&[

@@ -39,19 +39,18 @@ pub fn panels(fig: &FigureSpec, plan: &Plan, store: &Store) -> Result<Vec<Panel>
         plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
     let mut out = Vec::new();
     for p in &fig.panels {
-        let cell = plan
+        // Panels of cells left out of the plan (`--only`, data not found) are left out.
+        let Some(cell) = plan
             .cells
             .iter()
             .find(|c| c.dataset == p.dataset && c.attack == p.attack && c.defence == p.defence)
-            .ok_or_else(|| {
-                anyhow!(
-                    "figure {}: no planned cell {}/{}/{}",
-                    fig.name,
-                    p.dataset,
-                    p.attack,
-                    p.defence
-                )
-            })?;
+        else {
+            eprintln!(
+                "note: figure {}: panel {}/{}/{} left out (not in the plan)",
+                fig.name, p.dataset, p.attack, p.defence
+            );
+            continue;
+        };
         let stage1 = by_key
             .get(cell.evaluate.as_str())
             .and_then(|e| e.inputs.get("finetune"))
@@ -93,6 +92,9 @@ pub fn panels(fig: &FigureSpec, plan: &Plan, store: &Store) -> Result<Vec<Panel>
             clean,
             poisoned,
         });
+    }
+    if out.is_empty() {
+        bail!("figure {}: none of its panels is in the plan", fig.name);
     }
     Ok(out)
 }
@@ -216,7 +218,8 @@ where
 }
 
 fn size(panels: &[Panel]) -> (u32, u32) {
-    (440 * panels.len().max(1) as u32, 400)
+    // Wide enough for the title over a single panel.
+    ((480 * panels.len().max(1) as u32).max(720), 420)
 }
 
 /// The figure as SVG markup.
