@@ -6,7 +6,7 @@
 #   `debug`, no cgroups, no accounting) only when it differs from what is here;
 # - starts slurmctld and slurmd directly (no systemd needed), waits for the node to be idle;
 # - runs `echo ok` through sbatch to prove that the cluster works.
-# For tests against a real (one-node) Slurm cluster. A second run only checks.
+# `.ci/run` calls it for tests/slurm.rs (which also calls it). A second run only checks.
 # Exits non-zero with a message (and the daemons' log tails) if anything fails.
 set -Eeuo pipefail
 

@@ -44,6 +44,36 @@ pub struct Common {
     pub jobs: Option<usize>,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
+/// Slurm job options (`--executor slurm`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SlurmArgs {
+    #[arg(long)]
+    pub partition: Option<String>,
+    #[arg(long)]
+    pub account: Option<String>,
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Time limit of each job (sbatch --time).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// Extra sbatch argument for every job (repeatable), e.g. --sbatch-arg=--mem=8G.
+    #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+    /// Kinds that ask for a GPU (--gres=gpu:1); default: the training kinds at the
+    /// `paper` scale, none otherwise.
+    #[arg(long = "gpu-kinds", value_delimiter = ',')]
+    pub gpu_kinds: Option<Vec<String>>,
+    /// Wait until every job has ended (progress on stderr); fail naming failed steps.
+    #[arg(long)]
+    pub wait: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum RemoteAction {
     /// Add (or replace) a remote: a directory, file:///DIR, or s3://BUCKET/PREFIX.
@@ -108,6 +138,25 @@ pub enum Command {
         /// it has of the plan, then compute the rest.
         #[arg(long, value_name = "REMOTE", num_args = 0..=1, default_missing_value = "")]
         pull: Option<String>,
+        /// Where steps run: here (`local`), or one Slurm job each (`slurm`).
+        #[arg(long, value_enum, default_value = "local")]
+        executor: ExecutorKind,
+        #[command(flatten)]
+        slurm: SlurmArgs,
+    },
+    /// Where a spec's steps stand on the cluster (done / running / pending / failed).
+    Status {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Compute one planned step (what a Slurm job runs).
+    #[command(hide = true)]
+    ExecStep {
+        key: String,
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long)]
+        store: PathBuf,
     },
     /// Render what the store holds for a spec.
     Report {
@@ -371,6 +420,55 @@ fn resolve_in_store(root: &std::path::Path, hash: &str) -> Result<(Store, String
     Ok((store, key))
 }
 
+/// `run --executor slurm`: submit what is neither stored nor queued, optionally wait.
+fn run_on_slurm(
+    common: &Common,
+    plan: &crate::dag::Plan,
+    store: &Store,
+    args: &SlurmArgs,
+) -> Result<()> {
+    use crate::dag::slurm;
+    let gpu_kinds = match &args.gpu_kinds {
+        None => slurm::SlurmOptions::default_gpu_kinds(&common.scale),
+        Some(names) => names
+            .iter()
+            .filter(|n| !n.is_empty())
+            .map(|n| {
+                serde_json::from_value::<crate::dag::Kind>(serde_json::Value::String(n.clone()))
+                    .map_err(|_| anyhow::anyhow!("--gpu-kinds: unknown step kind '{n}'"))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let opts = slurm::SlurmOptions {
+        partition: args.partition.clone(),
+        account: args.account.clone(),
+        qos: args.qos.clone(),
+        time: args.time.clone(),
+        sbatch_args: args.sbatch_args.clone(),
+        gpu_kinds,
+    };
+    let plan_file = slurm::write_plan(store, plan, common.data_dir.as_deref())?;
+    let sub = slurm::submit(store, plan, &plan_file, &opts)?;
+    println!(
+        "slurm: submitted {} jobs, {} already queued or running, {} steps already stored",
+        sub.new, sub.already_queued, sub.cached
+    );
+    for (key, id) in &sub.jobs {
+        println!("  job {id}  {}", &key[..12]);
+    }
+    if !args.wait {
+        return Ok(());
+    }
+    slurm::wait(store, plan)?;
+    let mut df = crate::report::collect(plan, store)?;
+    println!("{}", crate::report::to_csv(&mut df)?.trim_end());
+    println!(
+        "done: {} steps on the cluster, all stored",
+        plan.steps.len()
+    );
+    Ok(())
+}
+
 /// Errors for objects a pull refused.
 fn report_refused(rep: &crate::store::share::PullReport) -> Result<()> {
     if !rep.failed() {
@@ -471,6 +569,8 @@ pub fn main(cli: Cli) -> Result<()> {
             common,
             dry_run,
             pull,
+            executor,
+            slurm,
         } => {
             let t0 = Instant::now();
             let (spec, scale, plan, store) = load(&common, false)?;
@@ -523,6 +623,9 @@ pub fn main(cli: Cli) -> Result<()> {
             let stale = store.sweep_stale()?;
             if stale > 0 {
                 tracing::info!("removed {stale} staging directories left by killed runs");
+            }
+            if executor == ExecutorKind::Slurm {
+                return run_on_slurm(&common, &plan, &store, &slurm);
             }
             let jobs = common.jobs.unwrap_or_else(crate::default_jobs);
             let exec = Executor::new(store.clone(), common.data_dir.clone(), jobs);
@@ -757,6 +860,35 @@ pub fn main(cli: Cli) -> Result<()> {
                 store.verify(&key)?;
                 println!("verified: every output matches its digest");
             }
+            Ok(())
+        }
+        Command::Status { common } => {
+            let (_spec, _scale, plan, store) = load(&common, true)?;
+            let p = crate::dag::slurm::progress(&store, &plan)?;
+            println!("{p}");
+            for (label, key, id, log) in &p.failed {
+                println!(
+                    "  failed: {label} ({}) job {id}, log {}",
+                    &key[..12],
+                    log.display()
+                );
+            }
+            Ok(())
+        }
+        Command::ExecStep { key, plan, store } => {
+            let store = Store::open_existing(&store)?;
+            let (step, data_dir) = crate::dag::slurm::read_step(&plan, &key)?;
+            let one = crate::dag::Plan::of_steps(vec![step]);
+            let summary = Executor::new(store, data_dir, 1).run(&one)?;
+            println!(
+                "exec-step {}: {}",
+                &key[..12.min(key.len())],
+                if summary.ran == 1 {
+                    "computed"
+                } else {
+                    "already stored"
+                }
+            );
             Ok(())
         }
         Command::Remote { action, store } => {

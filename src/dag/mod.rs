@@ -6,6 +6,7 @@
 //! store is never recomputed.
 
 pub mod exec;
+pub mod slurm;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -213,6 +214,15 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// A plan of exactly these steps (no cells), e.g. one step a cluster job computes.
+    pub fn of_steps(steps: Vec<Step>) -> Self {
+        let mut p = Plan::default();
+        for s in steps {
+            p.add(s);
+        }
+        p
+    }
+
     /// Each step's key computed without code identity and backend: what the parameters and
     /// the DAG's shape alone determine. Tests pin these to catch refactors that change what
     /// a step is asked to compute (the real keys also move with every code change).
