@@ -579,6 +579,7 @@ mod tests {
             test: 100,
             seed: 0,
             source_digest: None,
+            whole_train_as_tune: false,
         };
         crate::data::run_dataset_step(&dp, None, None, &data).unwrap();
         let t0 = std::time::Instant::now();

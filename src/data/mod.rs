@@ -151,6 +151,12 @@ pub struct DatasetParams {
     pub test: usize,
     /// Seed of the split permutation (and of generation for `synthetic`).
     pub seed: u64,
+    /// No pretraining set: D_tune is the whole training split (`tune` images of generated
+    /// data, every training image of a dataset on disk), as when the starting checkpoint is
+    /// imported (the paper finetunes on all 50 000 CIFAR-10 images). Left out of the key
+    /// when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub whole_train_as_tune: bool,
     /// blake3 of the files read (datasets on disk); `None` for generated data.
     pub source_digest: Option<String>,
 }
@@ -378,8 +384,12 @@ pub fn run_dataset_step(
         }
     };
     let (n_train, n_test) = src.lens();
-    let n_pre = pretrain_size(&p.name, p.pretrain, p.tune, n_train)?;
-    let want_train = n_pre + p.tune;
+    let (n_pre, want_train) = if p.whole_train_as_tune {
+        (0, n_train)
+    } else {
+        let n_pre = pretrain_size(&p.name, p.pretrain, p.tune, n_train)?;
+        (n_pre, n_pre + p.tune)
+    };
     let test_n = if p.test == 0 { n_test } else { p.test };
     if test_n > n_test {
         bail!(

@@ -166,15 +166,25 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                 }
             }
         }
+        // With an imported checkpoint nothing is pretrained here, so every training image
+        // goes to D_tune (the paper's setting) — unless another architecture of the spec
+        // still pretrains from scratch on the pretrain split (Table 8).
+        let whole = imported.is_some() && g.defence.iter().all(|def| s.model_of(def).is_vit());
         let dp = DatasetParams {
             name: dataset.clone(),
             format,
             image_size: scale.image_size,
-            pretrain: scale.data.pretrain,
-            tune: scale.data.tune,
+            pretrain: if whole { 0 } else { scale.data.pretrain },
+            // Generated data: the scale's pretrain + tune images, all of them D_tune.
+            tune: if whole {
+                scale.data.pretrain + scale.data.tune
+            } else {
+                scale.data.tune
+            },
             test: scale.data.test,
             seed: d.seed,
             source_digest: located.as_ref().map(|(_, digest)| digest.clone()),
+            whole_train_as_tune: whole,
         };
         let mut step = Step::new(
             Kind::Dataset,
@@ -914,6 +924,13 @@ report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
         let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
         let summary = Executor::new(store.clone(), None, 1).run(&p).unwrap();
         assert_eq!(summary.ran, p.steps.len());
+        // Nothing is pretrained here: every training image is in D_tune.
+        let ds = p.steps.iter().find(|s| s.kind == Kind::Dataset).unwrap();
+        let meta = crate::data::load_meta(&store.object_dir(&ds.key)).unwrap();
+        assert_eq!(
+            (meta.pretrain, meta.tune),
+            (0, scale.data.pretrain + scale.data.tune)
+        );
         assert!(
             store
                 .object_dir(&import.key)
