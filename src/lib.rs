@@ -31,7 +31,7 @@ pub fn default_device() -> burn::prelude::Device {
     {
         #[cfg(feature = "wgpu")]
         {
-            return burn::prelude::Device::wgpu_default();
+            return burn::prelude::Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
         }
         burn::prelude::Device::flex()
     }
