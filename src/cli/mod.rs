@@ -765,6 +765,14 @@ pub fn main(cli: Cli) -> Result<()> {
                 now.insert(cell.clone(), computed.then(|| values[&cell].clone()));
             }
             let checks = crate::report::compare::check(&now, &base, &tol, paper);
+            let extra = crate::report::compare::unplanned(&now, &base);
+            if !extra.is_empty() && !paper {
+                eprintln!(
+                    "note: {} cells of the baseline are not planned here and were not compared: {}",
+                    extra.len(),
+                    extra.join(", ")
+                );
+            }
             use crate::report::compare::Verdict;
             let count = |v: Verdict| checks.iter().filter(|c| c.verdict == v).count();
             let moved: Vec<_> = checks

@@ -272,24 +272,19 @@ pub fn check(
             }
         }
     }
-    // Cells of the baseline that the spec no longer plans are missing too.
-    if !only_in_base {
-        for cell in base.cells.keys() {
-            if !now.contains_key(cell) {
-                out.push(Check {
-                    cell: cell.clone(),
-                    metric: "*".into(),
-                    baseline: None,
-                    now: None,
-                    delta: None,
-                    tolerance: 0.0,
-                    verdict: Verdict::Missing,
-                    note: "in the baseline, not planned by this spec".into(),
-                });
-            }
-        }
-    }
     out
+}
+
+/// Cells of the baseline that `now` does not plan (a smaller grid, `--only`): not compared.
+pub fn unplanned(
+    now: &BTreeMap<String, Option<BTreeMap<String, f64>>>,
+    base: &Baseline,
+) -> Vec<String> {
+    base.cells
+        .keys()
+        .filter(|c| !now.contains_key(*c))
+        .cloned()
+        .collect()
 }
 
 /// The checks as JUnit XML: one test case per cell and metric.
