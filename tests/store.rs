@@ -271,14 +271,7 @@ fn four_concurrent_runs_survive_a_kill_of_one() {
     );
     assert_eq!(objects(&shared).len(), total);
     // The store is complete and intact; the killed run's staging is swept.
-    let again = ok(&[
-        "run",
-        spec.to_str().unwrap(),
-        "--scale",
-        "smoke",
-        "--store",
-        shared.to_str().unwrap(),
-    ]);
+    let (again, _) = solo_run(&spec, &shared);
     assert_eq!(ran(&again), 0);
     assert_eq!(std::fs::read_dir(shared.join("tmp")).unwrap().count(), 0);
     ok(&["verify", "--store", shared.to_str().unwrap()]);

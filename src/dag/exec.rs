@@ -145,8 +145,7 @@ impl Executor {
 
     /// Checks the stored objects this run will read; quarantines damaged ones (they are then
     /// missing, and computed again). Returns how many were damaged.
-    fn verify_reads(&self, plan: &Plan) -> usize {
-        let by_key: HashMap<&str, &Step> = plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
+    fn verify_reads(&self, plan: &Plan, by_key: &HashMap<&str, &Step>) -> usize {
         let mut damaged = 0;
         loop {
             let missing: Vec<&Step> = plan
@@ -189,7 +188,8 @@ impl Executor {
     }
 
     pub fn run(&self, plan: &Plan) -> Result<RunSummary> {
-        let recomputed = self.verify_reads(plan);
+        let by_key: HashMap<&str, &Step> = plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
+        let recomputed = self.verify_reads(plan, &by_key);
         let todo: Vec<&Step> = plan
             .steps
             .iter()
@@ -204,7 +204,6 @@ impl Executor {
             total,
             self.jobs
         );
-        let by_key: HashMap<&str, &Step> = plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
         let sched = Mutex::new(Sched {
             pending: todo,
             running: 0,

@@ -155,25 +155,31 @@ fn run_cmd(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// States (`PENDING`, `RUNNING`, …) of the given jobs that are still in the queue.
+/// States (`PENDING`, `RUNNING`, …) of the given jobs that are still in the queue. The
+/// whole queue is listed and filtered here: `squeue -j` fails outright on ids that have
+/// left Slurm's memory, which would hide the live ones among them.
 pub fn queue_states(ids: &[String]) -> Result<HashMap<String, String>> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    let text = run_cmd(Command::new("squeue").args(["-h", "-o", "%i %T", "-j", &ids.join(",")]))
-        .or_else(|e| {
-            // squeue rejects a list whose jobs have all left the queue on some versions.
-            if e.to_string().contains("Invalid job id") {
-                Ok(String::new())
-            } else {
-                Err(e)
-            }
-        })?;
+    let text = run_cmd(Command::new("squeue").args(["-h", "-o", "%i %T"]))?;
     Ok(text
         .lines()
         .filter_map(|l| l.split_once(' '))
         .map(|(i, s)| (i.trim().to_string(), s.trim().to_string()))
+        .filter(|(i, _)| ids.contains(i))
         .collect())
+}
+
+/// Step key -> job id of the plan's steps submitted before (their markers).
+fn recorded_jobs(store: &Store, plan: &Plan) -> BTreeMap<String, String> {
+    plan.steps
+        .iter()
+        .filter_map(|s| {
+            let id = std::fs::read_to_string(marker(store, &s.key)).ok()?;
+            Some((s.key.clone(), id.trim().to_string()))
+        })
+        .collect()
 }
 
 fn job_name(step: &Step) -> String {
@@ -214,12 +220,7 @@ pub fn submit(
     let store_abs = std::path::absolute(store.root())?;
     let mut sub = Submitted::default();
     // Jobs of earlier submissions that are still queued or running.
-    let mut recorded: BTreeMap<String, String> = BTreeMap::new();
-    for s in &plan.steps {
-        if let Ok(id) = std::fs::read_to_string(marker(store, &s.key)) {
-            recorded.insert(s.key.clone(), id.trim().to_string());
-        }
-    }
+    let recorded = recorded_jobs(store, plan);
     let live = queue_states(&recorded.values().cloned().collect::<Vec<_>>())?;
     for s in &plan.steps {
         if store.contains(&s.key) {
@@ -298,12 +299,7 @@ pub struct Progress {
 
 /// Where every step of `plan` stands: the store decides what is done.
 pub fn progress(store: &Store, plan: &Plan) -> Result<Progress> {
-    let mut ids = BTreeMap::new();
-    for s in &plan.steps {
-        if let Ok(id) = std::fs::read_to_string(marker(store, &s.key)) {
-            ids.insert(s.key.clone(), id.trim().to_string());
-        }
-    }
+    let ids = recorded_jobs(store, plan);
     let states = queue_states(&ids.values().cloned().collect::<Vec<_>>())?;
     let mut p = Progress::default();
     for s in &plan.steps {

@@ -36,8 +36,6 @@ struct State {
     path: Option<PathBuf>,
     cache: Cache,
     dirty: bool,
-    hits: usize,
-    misses: usize,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -60,8 +58,6 @@ pub fn attach(store_root: &Path) {
         path: Some(path),
         cache,
         dirty: false,
-        hits: 0,
-        misses: 0,
     });
 }
 
@@ -110,7 +106,6 @@ pub fn digest(path: &Path) -> Result<String> {
         if let Some(s) = guard.as_mut() {
             if let Some((cached, d)) = s.cache.entries.get(text.as_ref()) {
                 if *cached == st {
-                    s.hits += 1;
                     return Ok(d.clone());
                 }
             }
@@ -119,7 +114,6 @@ pub fn digest(path: &Path) -> Result<String> {
     let d = super::digest_file(&abs)?.blake3;
     let mut guard = STATE.lock().unwrap();
     if let Some(s) = guard.as_mut() {
-        s.misses += 1;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -131,16 +125,6 @@ pub fn digest(path: &Path) -> Result<String> {
         }
     }
     Ok(d)
-}
-
-/// (files answered from the cache, files hashed) since [`attach`].
-pub fn counts() -> (usize, usize) {
-    STATE
-        .lock()
-        .unwrap()
-        .as_ref()
-        .map(|s| (s.hits, s.misses))
-        .unwrap_or((0, 0))
 }
 
 /// Writes the cache back (atomically) if anything was added.
