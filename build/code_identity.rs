@@ -32,8 +32,9 @@ use std::path::{Path, PathBuf};
 use proc_macro2::{Delimiter, TokenStream, TokenTree};
 use quote::ToTokens;
 
-/// Step identity -> the functions that compute it (paths from the crate root).
-/// `finetune/<defence>` is the `finetune` kind with that defence.
+/// Step identity -> the functions that compute it (paths from the crate root). The
+/// `finetune/<defence>` identities (the `finetune` kind with that defence) are not listed:
+/// they come from the defence registry ([`defence_roots`]).
 const ROOTS: &[(&str, &[&str])] = &[
     ("dataset", &["data::run_dataset_step"]),
     (
@@ -45,14 +46,10 @@ const ROOTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("stegastamp", &["attacks::issba::run_stegastamp_step"]),
-    ("pretrain", &["train::run_pretrain_step"]),
+    ("pretrain", &["train::pretrain::run_pretrain_step"]),
     ("import", &["models::import::run_import_step"]),
     ("stage1", &["defences::ieu::run_stage1_step"]),
     ("isolate", &["defences::abl::run_isolate_step"]),
-    ("finetune/none", &["defences::none::run"]),
-    ("finetune/ieu", &["defences::ieu::run"]),
-    ("finetune/abl", &["defences::abl::run"]),
-    ("finetune/ibau", &["defences::ibau::run_step"]),
     ("evaluate", &["metrics::run_evaluate_step"]),
 ];
 
@@ -125,9 +122,23 @@ pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String)
     let index = Index::new(&krate);
     let mut debug = String::new();
     let mut ids = Vec::new();
-    for (name, roots) in ROOTS {
+    let mut all: Vec<(String, Vec<String>)> = ROOTS
+        .iter()
+        .map(|(n, r)| (n.to_string(), r.iter().map(|s| s.to_string()).collect()))
+        .collect();
+    for module in defence_roots(&root.join("src/defences/mod.rs")) {
+        let run = format!("defences::{module}::run");
+        let has_run = krate.nodes.iter().any(|n| {
+            n.module == format!("defences::{module}") && n.name == "run" && n.self_ty.is_none()
+        });
+        if has_run {
+            all.push((format!("finetune/{}", module.replace('_', "-")), vec![run]));
+        }
+    }
+    for (name, roots) in &all {
+        let name = name.as_str();
         let mut start = Vec::new();
-        for r in *roots {
+        for r in roots {
             let (module, item) = r.rsplit_once("::").unwrap_or(("", r));
             let found: Vec<usize> = (0..krate.nodes.len())
                 .filter(|&i| {
@@ -174,6 +185,25 @@ pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String)
         ids.push((name.to_string(), h.finalize().to_hex().to_string(), items.len()));
     }
     (ids, deps, debug)
+}
+
+/// The modules of the defences in `REGISTRY` (`&ieu::Ieu,` → `ieu`), in order. A defence
+/// with a `finetune` step of its own has `pub fn run` in its module: that function is the
+/// root of its identity `finetune/<name>` (the module name with `-` for `_`).
+pub fn defence_roots(registry: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(registry).unwrap_or_default();
+    let Some(start) = text.find("pub static REGISTRY") else {
+        panic!("build.rs: no `pub static REGISTRY` in {}", registry.display());
+    };
+    let body = &text[start..];
+    let body = &body[body.find("= &[").map(|i| i + 4).unwrap_or(0)..];
+    let body = &body[..body.find("];").unwrap_or(body.len())];
+    body.split(',')
+        .filter_map(|e| {
+            let e = e.trim().trim_start_matches('&');
+            e.split_once("::").map(|(m, _)| m.trim().to_string())
+        })
+        .collect()
 }
 
 impl Node {

@@ -497,9 +497,17 @@ mod tests {
             lr: vec![1e-3; 2 * n_iter],
             wd: vec![0.0; 2 * n_iter],
             seed: 0,
-            loss: crate::train::LossKind::Ce,
+            keep_last: false,
         };
-        let (fp, _) = crate::train::train_supervised(fp, &base.tune, &meta, &sup, &ad).unwrap();
+        let (fp, _) = crate::train::train_supervised(
+            fp,
+            &base.tune,
+            &meta,
+            &sup,
+            crate::train::LossKind::Ce,
+            &ad,
+        )
+        .unwrap();
         let att = Attacker::new(fp, &base.tune, &base.indices, &meta, 1, 0.6);
         (att, base)
     }

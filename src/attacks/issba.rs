@@ -39,7 +39,6 @@ use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{Linear, PaddingConfig2d};
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::activation::{relu, softplus};
 use rand::{Rng, SeedableRng};
@@ -271,7 +270,7 @@ pub fn train(p: &StegaParams, train: &ImageSet, device: &Device) -> Result<(Steg
     }
     let ad = device.clone().autodiff();
     let mut model = StegaStamp::new(p, &ad);
-    let mut optim = crate::train::adamw();
+    let mut optim = crate::train::Optimiser::adamw();
     let n = train.len();
     let iters = crate::train::iters_per_epoch(n, p.batch_size);
     let progress = Progress::new("stegastamp", (p.epochs * iters) as u64);
@@ -302,8 +301,7 @@ pub fn train(p: &StegaParams, train: &ImageSet, device: &Device) -> Result<(Steg
             if !value.is_finite() {
                 bail!("stegastamp: non-finite loss {value} at epoch {epoch}, batch {bi}");
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(p.lr, model, grads);
+            model = optim.descend(model, loss, p.lr, 0.0);
             sum += value as f64;
             count += 1;
             progress.inc(format!(

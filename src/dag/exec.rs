@@ -608,26 +608,17 @@ impl Executor {
             Kind::Finetune => {
                 let p: crate::defences::FinetuneParams = step.params()?;
                 let poison = self.input(step, "poison")?;
-                let dataset = self.dataset_of(&poison)?;
-                let pretrain = self.input(step, "pretrain")?;
-                let optional = |role: &str| -> Result<Option<PathBuf>> {
-                    step.inputs
-                        .get(role)
-                        .map(|k| self.store.verified(k))
-                        .transpose()
-                };
-                let (stage1, isolate, backdoored) = (
-                    optional("stage1")?,
-                    optional("isolate")?,
-                    optional("backdoored")?,
-                );
+                let mut others = std::collections::BTreeMap::new();
+                for role in step.inputs.keys() {
+                    if role != "poison" && role != "pretrain" {
+                        others.insert(role.clone(), self.input(step, role)?);
+                    }
+                }
                 let inputs = crate::defences::FinetuneInputs {
-                    dataset: &dataset,
-                    poison: &poison,
-                    pretrain: &pretrain,
-                    stage1: stage1.as_deref(),
-                    isolate: isolate.as_deref(),
-                    backdoored: backdoored.as_deref(),
+                    dataset: self.dataset_of(&poison)?,
+                    pretrain: self.input(step, "pretrain")?,
+                    poison,
+                    others,
                 };
                 crate::defences::run_finetune_step(&p, &inputs, out, dev)?;
             }

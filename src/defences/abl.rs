@@ -6,7 +6,7 @@
 //!    keeps the loss of easily learned (triggered) images low. The r_isol fraction of the
 //!    finetuning images with the lowest cross-entropy under that model is isolated
 //!    (r_isol = 0.01 in the paper).
-//! 2. **Unlearning** ([`run_unlearn`], the `finetune` step of ABL): the isolation model
+//! 2. **Unlearning** ([`run`], the `finetune` step of ABL): the isolation model
 //!    unlearns the isolated set by gradient ascent on ℓ(f_r(x), y) with Adam at a constant
 //!    unlearning rate (paper: 5·10⁻⁷ CIFAR10, 1·10⁻⁶ GTSRB, 2·10⁻⁷ TinyImageNet, Table 12)
 //!    for `unlearn_epochs` epochs (ABL's default 5).
@@ -17,17 +17,72 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::FinetuneParams;
 use super::ieu::GateStats;
-use crate::data::{DatasetMeta, ImageSet};
-use crate::train::{
-    LossKind, Supervised, View, cross_entropy, cross_entropy_per_sample, iters_per_epoch, labels,
-    rng_for, train_supervised, views,
-};
+use super::{Defence, DefenceParams, FinetuneInputs, FinetuneParams, Settings};
+use crate::data::ImageSet;
+use crate::models::Classifier;
+use crate::spec::plan::{CellPlan, inputs};
+use crate::train::{Batch, Hooks, LossKind, Optimiser, Supervised, cross_entropy, fit};
+
+/// ABL in the registry.
+pub struct Abl;
+
+impl Defence for Abl {
+    fn name(&self) -> &'static str {
+        "abl"
+    }
+    fn default_settings(&self) -> Option<Value> {
+        AblSettings::defaults()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        AblSettings::checked(settings).map(|_| ())
+    }
+    /// The isolation step (shared by every ABL entry with the same isolation settings),
+    /// then the unlearning finetune on its model.
+    fn plan(&self, cell: &mut CellPlan, settings: &Value) -> Result<String> {
+        let abl = AblSettings::of(settings)?;
+        let ip = IsolateParams {
+            finetune: cell.finetune_params(DefenceParams::none()),
+            loss: abl.isolation_loss.clone(),
+            r_isol: abl.r_isol,
+        };
+        let label = format!("abl isolation {}/{}", cell.ds.dataset, cell.attack);
+        let iso = crate::dag::Step::new(
+            crate::dag::Kind::Isolate,
+            label,
+            &ip,
+            inputs(&[
+                ("poison", cell.poison_key),
+                ("pretrain", cell.ds.pretrain_key),
+            ]),
+        )?;
+        let iso_key = cell.plan.add(iso);
+        let unlearn_lr = abl
+            .unlearn_lr
+            .unwrap_or_else(|| cell.per_dataset(&cell.ds.scale.baselines.abl_unlearn_lr));
+        let params = AblParams {
+            unlearn_lr,
+            unlearn_epochs: abl.unlearn_epochs,
+        };
+        cell.finetune(
+            DefenceParams::new("abl", &params)?,
+            &[("isolate", &iso_key)],
+        )
+    }
+    fn run(
+        &self,
+        p: &FinetuneParams,
+        inputs: &FinetuneInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<()> {
+        run(p, inputs, out, device)
+    }
+}
 
 /// ABL settings of a spec (`defaults.abl`, or a variant's `abl:`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,8 +110,8 @@ impl Default for AblSettings {
     }
 }
 
-impl AblSettings {
-    pub fn validate(&self) -> Result<(), String> {
+impl Settings for AblSettings {
+    fn validate(&self) -> Result<(), String> {
         if !(self.r_isol > 0.0 && self.r_isol < 1.0) {
             return Err(format!("r_isol {} is not in (0, 1)", self.r_isol));
         }
@@ -76,6 +131,13 @@ impl AblSettings {
         }
         Ok(())
     }
+}
+
+/// Parameters of ABL's `finetune` step (the unlearning phase).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AblParams {
+    pub unlearn_lr: f64,
+    pub unlearn_epochs: usize,
 }
 
 /// Parameters of the isolation step: the finetuning recipe with ABL's loss, and r_isol.
@@ -106,28 +168,6 @@ pub fn lowest_fraction(losses: &[f32], r: f64) -> Vec<usize> {
     idx
 }
 
-/// Per-image cross-entropy of the (unaugmented) images of `set` under `model`.
-pub fn per_image_loss(
-    model: &crate::models::Vit,
-    set: &ImageSet,
-    meta: &DatasetMeta,
-    batch: usize,
-    device: &Device,
-) -> Vec<f32> {
-    let model = model.valid();
-    let idx: Vec<usize> = (0..set.len()).collect();
-    let mut rng = rng_for(0, 0, 0, 0);
-    let mut out = Vec::with_capacity(set.len());
-    for chunk in idx.chunks(batch) {
-        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device)
-            .pop()
-            .unwrap();
-        let ce = cross_entropy_per_sample(model.forward(x), labels(set, chunk, device));
-        out.extend(ce.to_data().convert::<f32>().try_to_vec::<f32>().unwrap());
-    }
-    out
-}
-
 /// The isolation step: writes the LGA-finetuned model and `isolation.json`.
 pub fn run_isolate_step(
     p: &IsolateParams,
@@ -142,21 +182,13 @@ pub fn run_isolate_step(
     let poison_idx = crate::attacks::load_poison_indices(poison)?;
     let f = &p.finetune;
     let (model, cfg) =
-        super::none::initial_robust_model(pretrain, meta.num_classes(), f.seed, device)?;
-    let (lr, wd) = f.schedules(iters_per_epoch(tune.len(), f.batch_size));
-    let sup = Supervised {
-        label: "abl isolation",
-        epochs: f.schedule.epochs,
-        batch_size: f.batch_size,
-        views: f.learn_views(),
-        lr,
-        wd,
-        seed: f.seed,
-        loss: p.loss.clone(),
-    };
+        super::initial_robust_vit(pretrain, meta.num_classes(), f.seed, device, "abl")?;
+    let sup = f.supervised("abl isolation", tune.len());
     let ad = device.clone().autodiff();
-    let (model, log) = train_supervised(model, &tune, &meta, &sup, &ad)?;
-    let losses = per_image_loss(&model, &tune, &meta, 256, device);
+    let (model, log) =
+        crate::train::train_supervised(model, &tune, &meta, &sup, p.loss.clone(), &ad)?;
+    let losses =
+        crate::train::logits(&model, &tune, &meta, 256, device).cross_entropy(&tune.labels);
     let isolated = lowest_fraction(&losses, p.r_isol);
     let mut flags = vec![false; tune.len()];
     for &i in &isolated {
@@ -178,80 +210,59 @@ pub fn run_isolate_step(
     Ok(gate)
 }
 
-/// The `finetune` step with `defence: abl` (unlearning on the isolation step's model).
-pub fn run(
-    p: &super::FinetuneParams,
-    inputs: &super::FinetuneInputs,
-    out: &Path,
-    device: &Device,
-) -> Result<()> {
-    let super::DefenceParams::Abl {
-        unlearn_lr,
-        unlearn_epochs,
-    } = &p.defence
-    else {
-        bail!("abl::run called for defence {:?}", p.defence)
-    };
-    let Some(isolate) = inputs.isolate else {
-        bail!("abl unlearning needs the isolation step")
-    };
-    run_unlearn(
-        p,
-        *unlearn_lr,
-        *unlearn_epochs,
-        inputs.dataset,
-        inputs.poison,
-        isolate,
-        out,
-        device,
-    )
+/// Gradient ascent on every batch: ABL's unlearning, with Adam at a constant rate.
+struct Ascent {
+    losses: Vec<f64>,
 }
 
-/// ABL's unlearning phase on the isolation step's model: gradient ascent on the isolated
-/// set with Adam at a constant learning rate. Writes the model and `train_stats.json`
-/// (with the isolation's `gate` statistics, so reports show its FPR/FNR).
-pub fn run_unlearn(
-    p: &FinetuneParams,
-    unlearn_lr: f64,
-    unlearn_epochs: usize,
-    dataset: &Path,
-    poison: &Path,
-    isolate: &Path,
-    out: &Path,
-    device: &Device,
-) -> Result<()> {
-    let meta = crate::data::load_meta(dataset)?;
-    let tune = ImageSet::load(&poison.join("tune.safetensors"))?;
+impl<M: Classifier> Hooks<M> for Ascent {
+    fn optimiser(&self) -> Optimiser {
+        Optimiser::adam()
+    }
+    fn loss(&mut self, model: &M, b: &Batch) -> Result<Tensor<1>> {
+        let ce = cross_entropy(model.forward(b.x.clone()), b.y.clone());
+        self.losses.push(ce.clone().into_scalar::<f32>() as f64);
+        Ok(ce.neg())
+    }
+}
+
+/// The `finetune` step with `defence: abl`: ABL's unlearning phase on the isolation
+/// step's model — gradient ascent on the isolated set with Adam at a constant learning
+/// rate, every isolated image every epoch (the last batch kept even when partial). Writes
+/// the model and `train_stats.json` (with the isolation's `gate` statistics, so reports
+/// show its FPR/FNR).
+pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
+    let params: AblParams = p.defence.fields()?;
+    let isolate = inputs.input("isolate")?;
+    let meta = crate::data::load_meta(&inputs.dataset)?;
+    let tune = ImageSet::load(&inputs.poison.join("tune.safetensors"))?;
     let iso: Isolation =
         serde_json::from_str(&std::fs::read_to_string(isolate.join("isolation.json"))?)?;
     let ad = device.clone().autodiff();
-    let (mut model, cfg) = crate::models::load_vit(isolate, &ad)?;
-    let mut optim = AdamConfig::new().with_epsilon(1e-8).init();
-    let mut losses = Vec::new();
-    for epoch in 0..unlearn_epochs {
-        // Every isolated image every epoch: the last batch is kept even when partial.
-        let mut order = iso.isolated.clone();
-        rand::seq::SliceRandom::shuffle(&mut order[..], &mut rng_for(p.seed, epoch, 0, 0xAB1));
-        for (bi, batch) in order.chunks(p.batch_size).enumerate() {
-            let mut rng = rng_for(p.seed, epoch, bi, 0xAB2);
-            let xs = views(&tune, batch, p.learn_views(), &meta, &mut rng, &ad);
-            let y = labels(&tune, batch, &ad);
-            let ys = Tensor::cat(vec![y; xs.len()], 0);
-            let ce = cross_entropy(model.forward(Tensor::cat(xs, 0)), ys);
-            let value = ce.clone().into_scalar::<f32>() as f64;
-            if !value.is_finite() {
-                bail!("abl unlearning: non-finite loss {value} at epoch {epoch}, batch {bi}");
-            }
-            let grads = GradientsParams::from_grads(ce.neg().backward(), &model);
-            model = optim.step(unlearn_lr, model, grads);
-            losses.push(value);
-        }
+    let (model, cfg) = crate::models::load_vit(isolate, &ad)?;
+    let isolated = tune.subset(&iso.isolated);
+    let iters = isolated.len().div_ceil(p.batch_size).max(1);
+    let steps = params.unlearn_epochs * iters;
+    let sup = Supervised {
+        label: "abl unlearning",
+        epochs: params.unlearn_epochs,
+        batch_size: p.batch_size,
+        views: p.learn_views(),
+        lr: vec![params.unlearn_lr; steps],
+        wd: vec![0.0; steps],
+        seed: p.seed,
+        keep_last: true,
+    };
+    let mut ascent = Ascent { losses: Vec::new() };
+    let (model, _) = fit(model, &isolated, &meta, &sup, &mut ascent, &ad)?;
+    if ascent.losses.iter().any(|l| !l.is_finite()) {
+        bail!("abl unlearning: non-finite loss");
     }
     let stats = serde_json::json!({
         "gate": iso.gate,
         "isolated": iso.isolated.len(),
-        "unlearn_lr": unlearn_lr,
-        "unlearn_losses": losses,
+        "unlearn_lr": params.unlearn_lr,
+        "unlearn_losses": ascent.losses,
     });
     crate::models::save_with_stats(&model.valid(), &cfg, &stats, out)
 }

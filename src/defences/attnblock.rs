@@ -22,9 +22,34 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use serde::{Deserialize, Serialize};
 
+use serde_json::Value;
+
+use super::{Defence, Settings};
 use crate::data::{DatasetMeta, ImageSet};
 use crate::models::Vit;
+use crate::spec::plan::CellPlan;
 use crate::train::{View, rng_for, views};
+
+/// AttnBlock in the registry: a test-time defence. It trains nothing; the cell evaluates
+/// the no-defence model with every input blocked.
+pub struct AttnBlock;
+
+impl Defence for AttnBlock {
+    fn name(&self) -> &'static str {
+        "attnblock"
+    }
+    fn default_settings(&self) -> Option<Value> {
+        AttnBlockSettings::defaults()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        AttnBlockSettings::checked(settings).map(|_| ())
+    }
+    fn plan(&self, cell: &mut CellPlan, settings: &Value) -> Result<String> {
+        let ab = AttnBlockSettings::of(settings)?;
+        cell.eval.attnblock = Some(ab.at_size(cell.ds.scale.image_size));
+        cell.undefended()
+    }
+}
 
 /// AttnBlock settings of a spec (`defaults.attnblock`, or a variant's `attnblock:`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,8 +71,8 @@ impl Default for AttnBlockSettings {
     }
 }
 
-impl AttnBlockSettings {
-    pub fn validate(&self) -> Result<(), String> {
+impl Settings for AttnBlockSettings {
+    fn validate(&self) -> Result<(), String> {
         if self.patch_at_224 == 0 || self.patch_at_224 > 224 {
             return Err(format!(
                 "patch_at_224 {} is not in 1..=224",
@@ -62,7 +87,9 @@ impl AttnBlockSettings {
         }
         Ok(())
     }
+}
 
+impl AttnBlockSettings {
     /// The evaluation parameters at a given image size.
     pub fn at_size(&self, image_size: usize) -> AttnBlockEval {
         let patch = (self.patch_at_224 as f64 * image_size as f64 / 224.0).round() as usize;

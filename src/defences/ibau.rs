@@ -37,15 +37,69 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use rand::seq::index::sample;
 use serde::{Deserialize, Serialize};
 
+use serde_json::Value;
+
+use super::{Defence, DefenceParams, FinetuneInputs, FinetuneParams, Settings};
 use crate::data::ImageSet;
 use crate::models::Vit;
 use crate::progress::Progress;
-use crate::train::{View, cross_entropy, labels, rng_for, views};
+use crate::spec::plan::CellPlan;
+use crate::train::{Optimiser, View, cross_entropy, labels, rng_for, views};
+
+/// I-BAU in the registry.
+pub struct Ibau;
+
+impl Defence for Ibau {
+    fn name(&self) -> &'static str {
+        "ibau"
+    }
+    fn default_settings(&self) -> Option<Value> {
+        IbauSettings::defaults()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        IbauSettings::checked(settings).map(|_| ())
+    }
+    /// Post-training: unlearns the cell's no-defence model.
+    fn plan(&self, cell: &mut CellPlan, settings: &Value) -> Result<String> {
+        let ib = IbauSettings::of(settings)?;
+        let b = &cell.ds.scale.baselines;
+        let ip = IbauParams {
+            rounds: ib.rounds,
+            fixed_point_iters: ib.fixed_point_iters,
+            fixed_point_lr: ib.fixed_point_lr,
+            outer_lr: ib
+                .outer_lr
+                .unwrap_or_else(|| cell.per_dataset(&b.ibau_outer_lr)),
+            inner_lr: ib
+                .inner_lr
+                .unwrap_or_else(|| cell.per_dataset(&b.ibau_inner_lr)),
+            clean_images: ib.clean_images.unwrap_or(b.ibau_clean_images),
+            batch_size: ib.batch_size,
+            pert_radius: ib.pert_radius,
+            patch_fraction: ib.patch_fraction,
+            fd_step: ib.fd_step,
+        };
+        let none_key = cell.undefended()?;
+        cell.finetune(
+            DefenceParams::new("ibau", &ip)?,
+            &[("backdoored", &none_key)],
+        )
+    }
+    fn run(
+        &self,
+        p: &FinetuneParams,
+        inputs: &FinetuneInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<()> {
+        run(p, inputs, out, device)
+    }
+}
 
 /// I-BAU settings of a spec (`defaults.ibau`, or a variant's `ibau:`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,8 +142,8 @@ impl Default for IbauSettings {
     }
 }
 
-impl IbauSettings {
-    pub fn validate(&self) -> Result<(), String> {
+impl Settings for IbauSettings {
+    fn validate(&self) -> Result<(), String> {
         let pos = |v: f64| v > 0.0 && v.is_finite();
         for (name, v) in [
             ("fixed_point_lr", Some(self.fixed_point_lr)),
@@ -352,23 +406,20 @@ pub struct IbauStats {
 }
 
 /// The `finetune` step with `defence: ibau` (I-BAU on the no-defence model).
-pub fn run_step(
-    p: &super::FinetuneParams,
-    inputs: &super::FinetuneInputs,
-    out: &Path,
-    device: &Device,
-) -> Result<()> {
-    let super::DefenceParams::Ibau(ip) = &p.defence else {
-        bail!("ibau::run_step called for defence {:?}", p.defence)
-    };
-    let Some(backdoored) = inputs.backdoored else {
-        bail!("i-bau needs the backdoored (no-defence) model")
-    };
-    run(ip, p.seed, inputs.dataset, backdoored, out, device)
+pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
+    let ip: IbauParams = p.defence.fields()?;
+    unlearn(
+        &ip,
+        p.seed,
+        &inputs.dataset,
+        inputs.input("backdoored")?,
+        out,
+        device,
+    )
 }
 
 /// Runs I-BAU on the backdoored model in `backdoored`; writes the unlearned model.
-pub fn run(
+pub fn unlearn(
     p: &IbauParams,
     seed: u64,
     dataset: &Path,
@@ -408,7 +459,7 @@ pub fn run(
             y: labels(&clean, c, &ad),
         })
         .collect();
-    let mut outer_opt = AdamConfig::new().with_epsilon(1e-8).init();
+    let mut outer_opt = Optimiser::adam();
     let mut stats = IbauStats {
         clean_test_images_used: n_clean,
         ..Default::default()
@@ -481,7 +532,7 @@ pub fn run(
                 bail!("i-bau: non-finite hypergradient in round {round}, batch {bi}");
             }
             let grads = unflatten(&model, &g, device);
-            model = outer_opt.step(p.outer_lr, model, grads);
+            model = outer_opt.apply(model, grads, p.outer_lr, 0.0);
             stats.outer_steps += 1;
             progress.inc(format!("round {}/{}", round + 1, p.rounds));
         }

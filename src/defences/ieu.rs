@@ -6,7 +6,7 @@
 //! decay: min_θp E[ℓ(f_p(x_noAug; θ_p), y)]. Shortcut learning makes it confident on
 //! triggered images and unconfident on clean ones.
 //!
-//! **Stage 2** ([`run_stage2`], Algorithm 1): f_p is frozen and gates every image by its
+//! **Stage 2** ([`run`], Algorithm 1 on the training loop of `train::fit`): f_p is frozen and gates every image by its
 //! confidence max σ(f_p(x_noAug)) on the unaugmented view.
 //! - Eq. 1, logit masking: m = 1[max σ(ŷ_p) < c_thresh], ŷ = ŷ_p(1 − m) + ŷ_r·m, so f_r
 //!   learns nothing from images the gate flags ([`masked_logits`]).
@@ -19,23 +19,165 @@
 //!   with ℓ_{k−1} the unlearning loss of the previous unlearned batch and k = 0 at every
 //!   epoch start (the paper; the reference code keeps ℓ across epochs).
 
+pub mod gate;
+
+use std::collections::VecDeque;
 use std::path::Path;
 
 use anyhow::{Result, bail};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::{FinetuneInputs, FinetuneParams};
+pub use gate::{CONFIDENCES, Confidences, GATE_BATCH, GateStats, Selection};
+
+use super::{Defence, DefenceParams, FinetuneInputs, FinetuneParams, Settings};
 use crate::data::{DatasetMeta, ImageSet};
-use crate::progress::Progress;
-use crate::spec::Scale;
+use crate::models::Classifier;
+use crate::spec::plan::{CellPlan, DatasetPlan};
+use crate::train::infer::max_softmax;
 use crate::train::{
-    Decay, Supervised, View, adamw, cosine_schedule, cross_entropy, epoch_batches, iters_per_epoch,
-    labels, rng_for, train_supervised, views,
+    Batch, Hooks, Logits, Optimiser, Plain, Supervised, View, cosine_schedule, cross_entropy, fit,
+    iters_per_epoch, labels, rng_for, views,
 };
 
 pub use crate::train::LossKind as Stage1Loss;
+
+/// IEU in the registry.
+pub struct Ieu;
+
+impl Defence for Ieu {
+    fn name(&self) -> &'static str {
+        "ieu"
+    }
+    fn default_settings(&self) -> Option<Value> {
+        IeuSettings::defaults()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        IeuSettings::checked(settings).map(|_| ())
+    }
+    fn any_architecture(&self) -> bool {
+        true
+    }
+    /// Stage 1 on the cell's poisoned data (f_p from the ViT checkpoint, shared by every
+    /// IEU entry with the same stage-1 settings), then stage 2 on f_r's checkpoint.
+    fn plan(&self, cell: &mut CellPlan, settings: &Value) -> Result<String> {
+        let s = IeuSettings::of(settings)?;
+        let who = format!("defence {}", cell.defence);
+        let (attack, poison) = (cell.attack.to_string(), cell.poison_key.to_string());
+        let fp_key = plan_stage1(cell.plan, cell.ds, &s, &who, &attack, &poison)?;
+        cell.finetune(
+            DefenceParams::new("ieu", &s.stage2())?,
+            &[("stage1", &fp_key)],
+        )
+    }
+    fn run(
+        &self,
+        p: &FinetuneParams,
+        inputs: &FinetuneInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<()> {
+        run(p, inputs, out, device)
+    }
+}
+
+/// IEU settings of a spec (`defaults.ieu`, a variant's `ieu:`): the paper's Table 11
+/// defaults for CIFAR10/TinyImageNet, and its ablation knobs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IeuSettings {
+    /// Confidence threshold of the gate (Eq. 1; Table 6).
+    pub c_thresh: f64,
+    /// Which images go to the unlearn set: `confidence` (the gate, Eq. 1),
+    /// `{lowest_loss: r_isol}` (Table 1) or `{oracle: ratio}` (hand-crafted, Table 2).
+    pub selection: Selection,
+    /// Number of checkpoint blocks in the poisoned module f_p (Table 7).
+    pub fp_depth: usize,
+    /// Eq. 1 logit masking; `false` is Table 4's ablation (ŷ = ŷ_r).
+    pub logit_masking: bool,
+    /// Unlearning rate: Eq. 3 (`dynamic`), `{constant: c}` (Table 9) or
+    /// `{moving_average: beta}` (the paper's proposed fix for weakness [b]).
+    pub unlearn_rate: UnlearnRate,
+    /// Standard deviation of Gaussian noise added to f_p's logits for the queueing
+    /// decision only (Table 14); 0 = off.
+    pub gate_noise_std: f64,
+    /// Stage-1 loss of f_p: `ce`, `{lga: gamma}` or `{flooding: gamma}` (Tables 15, 16).
+    pub stage1_loss: Stage1Loss,
+}
+
+impl Default for IeuSettings {
+    fn default() -> Self {
+        Self {
+            c_thresh: 0.95,
+            selection: Default::default(),
+            fp_depth: 1,
+            logit_masking: true,
+            unlearn_rate: Default::default(),
+            gate_noise_std: 0.0,
+            stage1_loss: Default::default(),
+        }
+    }
+}
+
+impl Settings for IeuSettings {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.c_thresh > 0.0 && self.c_thresh < 1.0) {
+            return Err(format!("c_thresh: {} is not in (0, 1)", self.c_thresh));
+        }
+        if self.fp_depth == 0 {
+            return Err("fp_depth: must be at least 1".into());
+        }
+        if !(self.gate_noise_std >= 0.0 && self.gate_noise_std.is_finite()) {
+            return Err(format!(
+                "gate_noise_std: {} must be a non-negative number",
+                self.gate_noise_std
+            ));
+        }
+        self.selection
+            .validate()
+            .map_err(|e| format!("selection: {e}"))?;
+        self.unlearn_rate
+            .validate()
+            .map_err(|e| format!("unlearn_rate: {e}"))?;
+        self.stage1_loss
+            .validate()
+            .map_err(|e| format!("stage1_loss: {e}"))
+    }
+}
+
+impl IeuSettings {
+    /// The parameters of the stage-2 finetune step.
+    pub fn stage2(&self) -> IeuParams {
+        IeuParams {
+            c_thresh: self.c_thresh,
+            selection: self.selection.clone(),
+            logit_masking: self.logit_masking,
+            unlearn_rate: self.unlearn_rate.clone(),
+            gate_noise_std: self.gate_noise_std,
+        }
+    }
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// Parameters of IEU's stage 2 (the `finetune` step with `defence: ieu`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IeuParams {
+    pub c_thresh: f64,
+    /// The paper's confidence gate by default (left out of the key).
+    #[serde(default, skip_serializing_if = "Selection::is_confidence")]
+    pub selection: Selection,
+    pub logit_masking: bool,
+    /// Defaults are left out of the parameters, so default IEU keeps its keys.
+    #[serde(default, skip_serializing_if = "UnlearnRate::is_dynamic")]
+    pub unlearn_rate: UnlearnRate,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gate_noise_std: f64,
+}
 
 /// How the unlearning rate lr_ul is derived from lr_tune.
 /// Written `dynamic`, `{constant: c}` or `{moving_average: beta}`.
@@ -91,115 +233,6 @@ impl UnlearnRate {
     }
 }
 
-/// Which finetuning images stage 2 sends to the unlearn set (and masks in Eq. 1).
-/// Written `confidence`, `{lowest_loss: r_isol}` or `{oracle: ratio}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", try_from = "SelectionRepr")]
-pub enum Selection {
-    /// max σ(f_p(x)) > c_thresh: the paper's gate.
-    #[default]
-    Confidence,
-    /// ABL's selection applied to f_p (Table 1): the r_isol fraction of the finetuning set
-    /// with the lowest cross-entropy under f_p.
-    LowestLoss(f64),
-    /// A hand-crafted unlearn set (Table 2) of ratio × |poisoned| images: poisoned images
-    /// only when ratio ≤ 1, every poisoned image plus (ratio − 1)·|poisoned| clean ones
-    /// otherwise (seeded choice).
-    Oracle(f64),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SelectionRepr {
-    Name(String),
-    LowestLoss { lowest_loss: f64 },
-    Oracle { oracle: f64 },
-}
-
-impl TryFrom<SelectionRepr> for Selection {
-    type Error = String;
-    fn try_from(r: SelectionRepr) -> Result<Self, String> {
-        match r {
-            SelectionRepr::Name(n) if n == "confidence" => Ok(Selection::Confidence),
-            SelectionRepr::Name(n) => Err(format!(
-                "unknown selection '{n}' (confidence, {{lowest_loss: r_isol}}, {{oracle: ratio}})"
-            )),
-            SelectionRepr::LowestLoss { lowest_loss } => Ok(Selection::LowestLoss(lowest_loss)),
-            SelectionRepr::Oracle { oracle } => Ok(Selection::Oracle(oracle)),
-        }
-    }
-}
-
-impl Selection {
-    pub fn is_confidence(&self) -> bool {
-        *self == Selection::Confidence
-    }
-    pub fn validate(&self) -> Result<(), String> {
-        match self {
-            Selection::Confidence => Ok(()),
-            Selection::LowestLoss(r) if *r > 0.0 && *r < 1.0 => Ok(()),
-            Selection::LowestLoss(r) => Err(format!("lowest_loss {r} is not in (0, 1)")),
-            Selection::Oracle(r) if *r > 0.0 && r.is_finite() => Ok(()),
-            Selection::Oracle(r) => Err(format!("oracle ratio {r} must be positive")),
-        }
-    }
-
-    /// The flagged finetuning images, given f_p's logits on each and the true poison
-    /// indices (used by the oracle only).
-    pub fn flags(
-        &self,
-        fp_logits: &[Vec<f32>],
-        labels: &[u16],
-        c_thresh: f64,
-        poison_idx: &[usize],
-        seed: u64,
-    ) -> Vec<bool> {
-        let n = fp_logits.len();
-        match self {
-            Selection::Confidence => fp_logits
-                .iter()
-                .map(|l| max_softmax(l) as f64 > c_thresh)
-                .collect(),
-            Selection::LowestLoss(r) => {
-                let ce: Vec<f32> = fp_logits
-                    .iter()
-                    .zip(labels)
-                    .map(|(l, &y)| {
-                        let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                        let z: f32 = l.iter().map(|&v| (v - m).exp()).sum();
-                        m + z.ln() - l[y as usize]
-                    })
-                    .collect();
-                let mut flags = vec![false; n];
-                for i in super::abl::lowest_fraction(&ce, *r) {
-                    flags[i] = true;
-                }
-                flags
-            }
-            Selection::Oracle(ratio) => {
-                use rand::SeedableRng;
-                use rand::seq::SliceRandom;
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x0AC1E);
-                let mut poisoned = poison_idx.to_vec();
-                poisoned.shuffle(&mut rng);
-                let want = (ratio * poisoned.len() as f64).round() as usize;
-                let mut flags = vec![false; n];
-                for &i in poisoned.iter().take(want) {
-                    flags[i] = true;
-                }
-                if want > poisoned.len() {
-                    let mut clean: Vec<usize> = (0..n).filter(|&i| !flags[i]).collect();
-                    clean.shuffle(&mut rng);
-                    for &i in clean.iter().take(want - poisoned.len()) {
-                        flags[i] = true;
-                    }
-                }
-                flags
-            }
-        }
-    }
-}
-
 /// Tracks the unlearning losses of one epoch and gives the factor on lr_tune.
 #[derive(Debug, Clone)]
 pub struct UnlearnSchedule {
@@ -244,16 +277,6 @@ impl UnlearnSchedule {
     }
 }
 
-/// Stage-2 settings of one IEU run.
-#[derive(Debug, Clone)]
-pub struct Stage2Settings {
-    pub c_thresh: f64,
-    pub selection: Selection,
-    pub logit_masking: bool,
-    pub unlearn_rate: UnlearnRate,
-    pub gate_noise_std: f64,
-}
-
 /// Stage-1 settings (paper Table 11: 10 epochs, lr 2·10⁻⁴, one warm-up epoch, no LGA).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stage1Params {
@@ -268,21 +291,51 @@ pub struct Stage1Params {
     pub seed: u64,
 }
 
-impl Stage1Params {
-    pub fn from_scale(s: &Scale, depth: usize, loss: Stage1Loss, seed: u64) -> Self {
-        Self {
-            depth,
-            loss,
-            epochs: s.stage1.epochs,
-            lr: s.stage1.lr,
-            warmup_epochs: s.stage1.warmup_epochs,
-            batch_size: s.batch_size,
-            seed,
-        }
+/// Plans stage 1 (f_p) on an attack's poisoned data; `who` names the setting in errors.
+/// IEU's cells and CAT's attack (which tunes f_p as the defender would) both use it.
+pub fn plan_stage1(
+    plan: &mut crate::dag::Plan,
+    ds: &DatasetPlan,
+    ieu: &IeuSettings,
+    who: &str,
+    attack: &str,
+    poison_key: &str,
+) -> Result<String> {
+    if ieu.fp_depth > ds.start_depth {
+        bail!(
+            "{}: {who}: f_p depth {} exceeds the {}-block starting checkpoint",
+            ds.spec.origin,
+            ieu.fp_depth,
+            ds.start_depth
+        );
     }
+    let mut label = format!("stage1 f_p {}/{attack}", ds.dataset);
+    if ieu.fp_depth != 1 {
+        label.push_str(&format!(" depth {}", ieu.fp_depth));
+    }
+    if !ieu.stage1_loss.is_ce() {
+        label.push_str(&format!(" {:?}", ieu.stage1_loss).to_lowercase());
+    }
+    let s = &ds.scale.stage1;
+    let sp = Stage1Params {
+        depth: ieu.fp_depth,
+        loss: ieu.stage1_loss.clone(),
+        epochs: s.epochs,
+        lr: s.lr,
+        warmup_epochs: s.warmup_epochs,
+        batch_size: ds.scale.batch_size,
+        seed: ds.spec.spec.defaults.seed,
+    };
+    Ok(plan.add(crate::dag::Step::new(
+        crate::dag::Kind::Stage1,
+        label,
+        &sp,
+        crate::spec::plan::inputs(&[("poison", poison_key), ("pretrain", ds.pretrain_key)]),
+    )?))
 }
 
-/// Stage 1: tunes f_p and writes it as `model.safetensors` + `config.json`.
+/// Stage 1: tunes f_p and writes it as `model.safetensors` + `config.json`, with f_p's
+/// confidence on every finetuning image (`confidences.json`).
 pub fn run_stage1_step(
     p: &Stage1Params,
     dataset: &Path,
@@ -309,20 +362,20 @@ pub fn run_stage1_step(
         ..pre_cfg
     };
     let iters = iters_per_epoch(tune.len(), p.batch_size);
-    // Linear warm-up from 0, then constant (reference: base == final lr), weight decay 0.
+    // min_θp E[ℓ(f_p(x_noAug; θ_p), y)]: unaugmented, a linear warm-up from 0 then a
+    // constant rate (reference: base == final lr), no weight decay.
     let lr = cosine_schedule(p.lr, p.lr, p.epochs, iters, p.warmup_epochs, 0.0);
-    let wd = vec![0.0; lr.len()];
     let sup = Supervised {
         label: "stage1 f_p",
         epochs: p.epochs,
         batch_size: p.batch_size,
         views: &[View::NoAug],
+        wd: vec![0.0; lr.len()],
         lr,
-        wd,
         seed: p.seed,
-        loss: p.loss.clone(),
+        keep_last: false,
     };
-    let (fp, log) = train_supervised(fp, &tune, &meta, &sup, &ad)?;
+    let (fp, log) = fit(fp, &tune, &meta, &sup, &mut Plain(p.loss.clone()), &ad)?;
     let fp = fp.valid();
     crate::models::save_vit(&fp, &cfg, out)?;
     let info = serde_json::json!({ "loss_per_epoch": log });
@@ -330,57 +383,9 @@ pub fn run_stage1_step(
     // max σ(f_p(x)) of every finetuning image, as stage 2's gate computes it (the same
     // function, batch size and saved weights): the paper's Figures 2, 3 and 6.
     let poisoned = crate::attacks::load_poison_indices(poison)?;
-    let confidences = Confidences::of(&fp, &tune, &meta, &poisoned, device);
-    crate::store::write_json(&out.join(CONFIDENCES), &confidences)
+    let logits = crate::train::logits(&fp, &tune, &meta, GATE_BATCH, device);
+    crate::store::write_json(&out.join(CONFIDENCES), &Confidences::of(&logits, &poisoned))
 }
-
-/// File of the stage-1 step with f_p's confidence on every finetuning image.
-pub const CONFIDENCES: &str = "confidences.json";
-
-/// f_p's maximum class probability on each finetuning image, and which images are
-/// poisoned.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Confidences {
-    pub max_prob: Vec<f32>,
-    pub poisoned: Vec<bool>,
-}
-
-impl Confidences {
-    fn of(
-        fp: &crate::models::Vit,
-        tune: &ImageSet,
-        meta: &DatasetMeta,
-        poisoned: &[usize],
-        device: &Device,
-    ) -> Self {
-        let logits = gate_logits(fp, tune, meta, GATE_BATCH, device);
-        let mut flags = vec![false; tune.len()];
-        for &i in poisoned {
-            if i < flags.len() {
-                flags[i] = true;
-            }
-        }
-        Self {
-            max_prob: logits.iter().map(|l| max_softmax(l)).collect(),
-            poisoned: flags,
-        }
-    }
-
-    /// Reads a stage-1 step's confidences.
-    pub fn load(stage1: &Path) -> Result<Self> {
-        let path = stage1.join(CONFIDENCES);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: {e} (a stage-1 step computed before confidences were stored)",
-                path.display()
-            )
-        })?;
-        Ok(serde_json::from_str(&text)?)
-    }
-}
-
-/// Batch size of f_p's pass over the finetuning set (the gate and the confidences).
-const GATE_BATCH: usize = 256;
 
 /// Eq. 3's factor on lr_tune: 1 for the first unlearned batch of an epoch (k = 0), else
 /// max(6 − exp(−(ln N_c − ℓ_{k−1}/√2)), 0.2).
@@ -407,90 +412,26 @@ pub fn masked_logits_with(y_p: Tensor<2>, y_r: Tensor<2>, m: Tensor<2>) -> Tenso
     y_p.detach() * keep_p + y_r * m
 }
 
-/// Gate statistics over the finetuning set (positive = poisoned).
+/// One unlearning step of stage 2, as stored in `train_stats.json` (`unlearn_trace`): the
+/// inputs and output of Eq. 3 and what the batch held.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct GateStats {
-    pub poisoned: usize,
-    pub clean: usize,
-    /// Poisoned images the gate flags (max σ > c_thresh).
-    pub poisoned_flagged: usize,
-    /// Clean images the gate flags.
-    pub clean_flagged: usize,
-}
-
-impl GateStats {
-    pub fn from_flags(flags: &[bool], poison_indices: &[usize]) -> Self {
-        let mut is_poison = vec![false; flags.len()];
-        for &i in poison_indices {
-            is_poison[i] = true;
-        }
-        let mut s = GateStats::default();
-        for (f, p) in flags.iter().zip(&is_poison) {
-            match (*p, *f) {
-                (true, true) => {
-                    s.poisoned += 1;
-                    s.poisoned_flagged += 1
-                }
-                (true, false) => s.poisoned += 1,
-                (false, true) => {
-                    s.clean += 1;
-                    s.clean_flagged += 1
-                }
-                (false, false) => s.clean += 1,
-            }
-        }
-        s
-    }
-    /// False-positive rate in %: clean images flagged (Table 6's "Clean").
-    pub fn fpr(&self) -> f64 {
-        pct(self.clean_flagged, self.clean)
-    }
-    /// False-negative rate in %: poisoned images not flagged.
-    pub fn fnr(&self) -> f64 {
-        pct(self.poisoned - self.poisoned_flagged, self.poisoned)
-    }
-    /// Poisoned images flagged, in % (Table 6's "Poison").
-    pub fn poison_flagged_pct(&self) -> f64 {
-        pct(self.poisoned_flagged, self.poisoned)
-    }
-}
-
-fn pct(a: usize, b: usize) -> f64 {
-    if b == 0 {
-        0.0
-    } else {
-        100.0 * a as f64 / b as f64
-    }
-}
-
-/// f_p's logits on the unaugmented view of every finetuning image. f_p is frozen and its
-/// input unaugmented, so these are exactly the logits Algorithm 1 would compute per batch.
-fn gate_logits(
-    fp: &crate::models::Vit,
-    set: &ImageSet,
-    meta: &DatasetMeta,
-    batch: usize,
-    device: &Device,
-) -> Vec<Vec<f32>> {
-    let mut out = Vec::with_capacity(set.len());
-    let idx: Vec<usize> = (0..set.len()).collect();
-    let mut rng = rng_for(0, 0, 0, 0);
-    for chunk in idx.chunks(batch) {
-        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device)
-            .pop()
-            .unwrap();
-        let logits = fp.forward(x);
-        let c = logits.dims()[1];
-        let v: Vec<f32> = logits.to_data().convert::<f32>().try_to_vec().unwrap();
-        out.extend(v.chunks(c).map(|r| r.to_vec()));
-    }
-    out
-}
-
-fn max_softmax(logits: &[f32]) -> f32 {
-    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let z: f32 = logits.iter().map(|&l| (l - m).exp()).sum();
-    1.0 / z
+pub struct UnlearnRecord {
+    pub epoch: usize,
+    /// Training iteration (over the whole run) after whose learning step it ran.
+    pub iter: usize,
+    /// Eq. 3's k: batches unlearned before it in this epoch.
+    pub k: usize,
+    /// ℓ_{k−1}, the loss of the previous unlearned batch (or its moving average); absent
+    /// at k = 0.
+    pub prev_loss: Option<f64>,
+    /// The factor on lr_tune (1 at k = 0).
+    pub factor: f64,
+    pub lr_tune: f64,
+    pub lr_ul: f64,
+    /// This batch's unlearning loss ℓ_k (before its update).
+    pub loss: f64,
+    /// Fraction of the batch that is truly poisoned.
+    pub poisoned_fraction: f64,
 }
 
 /// Statistics of a stage-2 run, written to `train_stats.json`.
@@ -501,197 +442,229 @@ pub struct Stage2Stats {
     pub unlearn_steps: usize,
     pub unlearn_losses: Vec<f64>,
     pub unlearn_scales: Vec<f64>,
+    #[serde(default)]
+    pub unlearn_trace: Vec<UnlearnRecord>,
 }
 
-/// The `finetune` step with `defence: ieu` (stage 2 on the stage-1 f_p).
+/// The `finetune` step with `defence: ieu`: stage 2 (Algorithm 1) on the stage-1 f_p.
 pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
-    let super::DefenceParams::Ieu {
-        c_thresh,
-        selection,
-        logit_masking,
-        unlearn_rate,
-        gate_noise_std,
-    } = &p.defence
-    else {
-        bail!("ieu::run called for defence {:?}", p.defence)
-    };
-    let Some(stage1) = inputs.stage1 else {
-        bail!("ieu finetuning needs the stage-1 poisoned module")
-    };
-    let settings = Stage2Settings {
-        c_thresh: *c_thresh,
-        selection: selection.clone(),
-        logit_masking: *logit_masking,
-        unlearn_rate: unlearn_rate.clone(),
-        gate_noise_std: *gate_noise_std,
-    };
-    run_stage2(p, &settings, inputs, stage1, out, device)
-}
-
-/// Stage 2 (Algorithm 1).
-pub fn run_stage2(
-    p: &FinetuneParams,
-    settings: &Stage2Settings,
-    inputs: &FinetuneInputs,
-    stage1: &Path,
-    out: &Path,
-    device: &Device,
-) -> Result<()> {
-    let meta = crate::data::load_meta(inputs.dataset)?;
+    let params: IeuParams = p.defence.fields()?;
+    let meta = crate::data::load_meta(&inputs.dataset)?;
     let tune = ImageSet::load(&inputs.poison.join("tune.safetensors"))?;
-    let poison_idx = crate::attacks::load_poison_indices(inputs.poison)?;
-    let (fp, _) = crate::models::load_vit(stage1, device)?;
-    let fp_logits = gate_logits(&fp, &tune, &meta, GATE_BATCH, device);
-    let Stage2Settings {
-        c_thresh,
-        ref selection,
-        logit_masking,
-        ref unlearn_rate,
-        gate_noise_std,
-    } = *settings;
+    let poison_idx = crate::attacks::load_poison_indices(&inputs.poison)?;
+    let (fp, _) = crate::models::load_vit(inputs.input("stage1")?, device)?;
+    let fp_logits = crate::train::logits(&fp, &tune, &meta, GATE_BATCH, device);
     // Algorithm 1 line 10: queued iff max σ(f_p(x)) > c_thresh (or another selection).
-    let flagged = selection.flags(&fp_logits, &tune.labels, c_thresh, &poison_idx, p.seed);
+    let flagged = params.selection.flags(
+        &fp_logits,
+        &tune.labels,
+        params.c_thresh,
+        &poison_idx,
+        p.seed,
+    );
     let gate = GateStats::from_flags(&flagged, &poison_idx);
     tracing::info!(
         poison_flagged = format!("{:.2}%", gate.poison_flagged_pct()),
         clean_flagged = format!("{:.2}%", gate.fpr()),
         "IEU gate on the finetuning set"
     );
-
+    let (model, cfg) =
+        super::initial_robust_net(&inputs.pretrain, meta.num_classes(), p.seed, device)?;
     let ad = device.clone().autodiff();
-    let (mut model, cfg) =
-        super::none::initial_robust_net(inputs.pretrain, meta.num_classes(), p.seed, device)?;
-    let mut optim_tune = adamw();
-    let mut optim_ul = adamw();
-    let iters = iters_per_epoch(tune.len(), p.batch_size);
-    let (lr, wd) = p.schedules(iters);
-    let learn_views = p.learn_views();
-    let mut ul_views: Vec<View> = learn_views.to_vec();
-    if !ul_views.contains(&View::NoAug) {
-        ul_views.push(View::NoAug);
-    }
-    let nc = meta.num_classes();
-    let epochs = p.schedule.epochs;
-    let progress = Progress::new("ieu f_r", (epochs * iters) as u64);
-    let mut stats = Stage2Stats {
-        gate,
-        ..Default::default()
-    };
-    let mut schedule = UnlearnSchedule::new(unlearn_rate.clone(), nc);
-    let mut it = 0usize;
-    for epoch in 0..epochs {
-        // Line 4: a fresh unlearn queue each epoch; Eq. 3's k restarts at 0.
-        let mut queue: std::collections::VecDeque<usize> = Default::default();
-        schedule.reset();
-        let mut sum = 0.0;
-        let mut count = 0usize;
-        for (bi, batch) in epoch_batches(tune.len(), p.batch_size, p.seed, epoch)
-            .iter()
-            .enumerate()
-        {
-            // Lines 6–8: masked logits (Eq. 1), cross-entropy, one learning step.
-            let mut rng = rng_for(p.seed, epoch, bi, 0xA06);
-            let xs = views(&tune, batch, learn_views, &meta, &mut rng, &ad);
-            let nviews = xs.len();
-            let y = labels(&tune, batch, &ad);
-            let ys = Tensor::cat(vec![y; nviews], 0);
-            let y_r = model.forward(Tensor::cat(xs, 0));
-            let logits = if logit_masking {
-                let rows: Vec<f32> = batch
-                    .iter()
-                    .flat_map(|&i| fp_logits[i].iter().cloned())
-                    .collect();
-                let y_p = Tensor::<2>::from_data(TensorData::new(rows, [batch.len(), nc]), &ad);
-                let y_p = Tensor::cat(vec![y_p; nviews], 0);
-                if selection.is_confidence() {
-                    masked_logits(y_p, y_r, c_thresh)
-                } else {
-                    let m: Vec<f32> = (0..nviews)
-                        .flat_map(|_| batch.iter().map(|&i| if flagged[i] { 0.0 } else { 1.0 }))
-                        .collect();
-                    let n = m.len();
-                    let m = Tensor::<2>::from_data(TensorData::new(m, [n, 1]), &ad);
-                    masked_logits_with(y_p, y_r, m)
-                }
-            } else {
-                y_r
-            };
-            let loss = cross_entropy(logits, ys);
-            let value: f64 = loss.clone().into_scalar::<f32>() as f64;
-            if !value.is_finite() {
-                bail!("ieu stage 2: non-finite learning loss {value} at epoch {epoch}, batch {bi}");
-            }
-            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
-            model = optim_tune.step(lr[it], model, grads);
-            if wd[it] > 0.0 {
-                model = model.map(&mut Decay {
-                    factor: 1.0 - lr[it] * wd[it],
-                });
-            }
-            sum += value;
-            count += 1;
-
-            // Line 10: queue the flagged images of this batch.
-            if gate_noise_std > 0.0 && selection.is_confidence() {
-                // Table 14: the queueing decision sees f_p's logits plus Gaussian noise;
-                // the mask of Eq. 1 does not.
-                queue.extend(batch.iter().copied().filter(|&i| {
-                    let mut rng = rng_for(p.seed, epoch, i, 0x4015E);
-                    let noisy: Vec<f32> = fp_logits[i]
-                        .iter()
-                        .map(|l| {
-                            l + gate_noise_std as f32 * crate::data::augment::gaussian(&mut rng)
-                        })
-                        .collect();
-                    max_softmax(&noisy) as f64 > c_thresh
-                }));
-            } else {
-                queue.extend(batch.iter().copied().filter(|&i| flagged[i]));
-            }
-            // Lines 11–14: unlearn one full batch by gradient ascent.
-            if queue.len() >= p.batch_size {
-                let ul: Vec<usize> = queue.drain(..p.batch_size).collect();
-                let mut rng = rng_for(p.seed, epoch, bi, 0x0111);
-                let xs = views(&tune, &ul, &ul_views, &meta, &mut rng, &ad);
-                let y = labels(&tune, &ul, &ad);
-                let ys = Tensor::cat(vec![y; xs.len()], 0);
-                let ul_loss = cross_entropy(model.forward(Tensor::cat(xs, 0)), ys);
-                let ul_value = ul_loss.clone().into_scalar::<f32>() as f64;
-                if !ul_value.is_finite() {
-                    bail!(
-                        "ieu stage 2: non-finite unlearning loss {ul_value} at epoch {epoch}, batch {bi} \
-                         (unlearned batch {} of the epoch); the paper's weakness [b]",
-                        schedule.k
-                    );
-                }
-                let scale = schedule.scale();
-                let lr_ul = lr[it] * scale;
-                let grads =
-                    burn::optim::GradientsParams::from_grads(ul_loss.neg().backward(), &model);
-                model = optim_ul.step(lr_ul, model, grads);
-                if wd[it] > 0.0 {
-                    model = model.map(&mut Decay {
-                        factor: 1.0 - lr_ul * wd[it],
-                    });
-                }
-                schedule.record(ul_value);
-                stats.unlearn_steps += 1;
-                stats.unlearn_losses.push(ul_value);
-                stats.unlearn_scales.push(scale);
-            }
-            it += 1;
-            progress.inc(format!(
-                "epoch {}/{} loss {:.3} unlearned {}",
-                epoch + 1,
-                epochs,
-                sum / count as f64,
-                stats.unlearn_steps
-            ));
-        }
-        stats.loss_per_epoch.push(sum / count.max(1) as f64);
-    }
-    progress.finish();
+    let mut alg = Algorithm1::new(
+        &params,
+        p,
+        &tune,
+        &meta,
+        fp_logits,
+        flagged,
+        &poison_idx,
+        &ad,
+    );
+    alg.stats.gate = gate;
+    let sup = p.supervised("ieu f_r", tune.len());
+    let (model, log) = fit(model, &tune, &meta, &sup, &mut alg, &ad)?;
+    let mut stats = alg.stats;
+    stats.loss_per_epoch = log;
     crate::models::save_net_with_stats(&model.valid(), &cfg, &stats, out)
+}
+
+/// Algorithm 1's stage 2 as hooks of the training loop: the learning loss with logit
+/// masking (lines 6–8, Eq. 1), the queue (lines 4, 10) and the unlearning steps (lines
+/// 11–14, Eq. 3).
+pub struct Algorithm1<'a> {
+    params: &'a IeuParams,
+    seed: u64,
+    batch_size: usize,
+    tune: &'a ImageSet,
+    meta: &'a DatasetMeta,
+    fp_logits: Logits,
+    flagged: Vec<bool>,
+    is_poison: Vec<bool>,
+    /// Views of the unlearned images: the learning views and the unaugmented one.
+    ul_views: Vec<View>,
+    queue: VecDeque<usize>,
+    schedule: UnlearnSchedule,
+    optim_ul: Optimiser,
+    device: Device,
+    pub stats: Stage2Stats,
+}
+
+impl<'a> Algorithm1<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        params: &'a IeuParams,
+        p: &FinetuneParams,
+        tune: &'a ImageSet,
+        meta: &'a DatasetMeta,
+        fp_logits: Logits,
+        flagged: Vec<bool>,
+        poison_idx: &[usize],
+        device: &Device,
+    ) -> Self {
+        let mut ul_views = p.learn_views().to_vec();
+        if !ul_views.contains(&View::NoAug) {
+            ul_views.push(View::NoAug);
+        }
+        let mut is_poison = vec![false; tune.len()];
+        for &i in poison_idx {
+            is_poison[i] = true;
+        }
+        Self {
+            params,
+            seed: p.seed,
+            batch_size: p.batch_size,
+            tune,
+            meta,
+            fp_logits,
+            flagged,
+            is_poison,
+            ul_views,
+            queue: VecDeque::new(),
+            schedule: UnlearnSchedule::new(params.unlearn_rate.clone(), meta.num_classes()),
+            optim_ul: Optimiser::adamw(),
+            device: device.clone(),
+            stats: Stage2Stats::default(),
+        }
+    }
+
+    /// Line 10: whether image `i` joins the unlearn queue in this epoch.
+    fn queued(&self, i: usize, epoch: usize) -> bool {
+        let p = self.params;
+        if p.gate_noise_std > 0.0 && p.selection.is_confidence() {
+            // Table 14: the queueing decision sees f_p's logits plus Gaussian noise; the
+            // mask of Eq. 1 does not.
+            let mut rng = rng_for(self.seed, epoch, i, 0x4015E);
+            let noisy: Vec<f32> = self
+                .fp_logits
+                .row(i)
+                .iter()
+                .map(|l| l + p.gate_noise_std as f32 * crate::data::augment::gaussian(&mut rng))
+                .collect();
+            max_softmax(&noisy) as f64 > p.c_thresh
+        } else {
+            self.flagged[i]
+        }
+    }
+}
+
+impl<M: Classifier> Hooks<M> for Algorithm1<'_> {
+    /// Line 4: a fresh unlearn queue each epoch; Eq. 3's k restarts at 0.
+    fn epoch_start(&mut self, _epoch: usize) {
+        self.queue.clear();
+        self.schedule.reset();
+    }
+
+    /// Lines 6–8: ℓ(ŷ, y) with ŷ the masked logits of Eq. 1.
+    fn loss(&mut self, model: &M, b: &Batch) -> Result<Tensor<1>> {
+        let y_r = model.forward(b.x.clone());
+        if !self.params.logit_masking {
+            return Ok(cross_entropy(y_r, b.y.clone()));
+        }
+        let nc = self.fp_logits.classes;
+        let rows: Vec<f32> = b
+            .images
+            .iter()
+            .flat_map(|&i| self.fp_logits.row(i).iter().cloned())
+            .collect();
+        let y_p = Tensor::<2>::from_data(TensorData::new(rows, [b.images.len(), nc]), &self.device);
+        let y_p = Tensor::cat(vec![y_p; b.views], 0);
+        let logits = if self.params.selection.is_confidence() {
+            masked_logits(y_p, y_r, self.params.c_thresh)
+        } else {
+            let m: Vec<f32> = (0..b.views)
+                .flat_map(|_| {
+                    b.images
+                        .iter()
+                        .map(|&i| if self.flagged[i] { 0.0 } else { 1.0 })
+                })
+                .collect();
+            let n = m.len();
+            let m = Tensor::<2>::from_data(TensorData::new(m, [n, 1]), &self.device);
+            masked_logits_with(y_p, y_r, m)
+        };
+        Ok(cross_entropy(logits, b.y.clone()))
+    }
+
+    /// Lines 10–14: queue this batch's flagged images; when the queue holds a full batch,
+    /// unlearn it by one step of gradient ascent at lr_ul (Eq. 3).
+    fn after_step(&mut self, mut model: M, b: &Batch) -> Result<M> {
+        for &i in b.images {
+            if self.queued(i, b.epoch) {
+                self.queue.push_back(i);
+            }
+        }
+        if self.queue.len() < self.batch_size {
+            return Ok(model);
+        }
+        let ul: Vec<usize> = self.queue.drain(..self.batch_size).collect();
+        let mut rng = rng_for(self.seed, b.epoch, b.index, 0x0111);
+        let xs = views(
+            self.tune,
+            &ul,
+            &self.ul_views,
+            self.meta,
+            &mut rng,
+            &self.device,
+        );
+        let y = labels(self.tune, &ul, &self.device);
+        let ys = Tensor::cat(vec![y; xs.len()], 0);
+        let ul_loss = cross_entropy(model.forward(Tensor::cat(xs, 0)), ys);
+        let value = ul_loss.clone().into_scalar::<f32>() as f64;
+        if !value.is_finite() {
+            bail!(
+                "ieu stage 2: non-finite unlearning loss {value} at epoch {}, batch {} \
+                 (unlearned batch {} of the epoch); the paper's weakness [b]",
+                b.epoch,
+                b.index,
+                self.schedule.k
+            );
+        }
+        let factor = self.schedule.scale();
+        let lr_ul = b.lr * factor;
+        model = self.optim_ul.ascend(model, ul_loss, lr_ul, b.wd);
+        let poisoned = ul.iter().filter(|&&i| self.is_poison[i]).count();
+        self.stats.unlearn_trace.push(UnlearnRecord {
+            epoch: b.epoch,
+            iter: b.iter,
+            k: self.schedule.k,
+            prev_loss: (self.schedule.k > 0).then_some(self.schedule.memory),
+            factor,
+            lr_tune: b.lr,
+            lr_ul,
+            loss: value,
+            poisoned_fraction: poisoned as f64 / ul.len() as f64,
+        });
+        self.schedule.record(value);
+        self.stats.unlearn_steps += 1;
+        self.stats.unlearn_losses.push(value);
+        self.stats.unlearn_scales.push(factor);
+        Ok(model)
+    }
+
+    fn status(&self) -> String {
+        format!(" unlearned {}", self.stats.unlearn_steps)
+    }
 }
 
 #[cfg(test)]
@@ -781,56 +754,5 @@ mod tests {
             .try_to_vec()
             .unwrap();
         assert_eq!(g, vec![0.0, 0.0, 1.0, 1.0]);
-    }
-
-    #[test]
-    fn selections_flag_what_tables_1_and_2_describe() {
-        // 5 images, 2 classes; logits chosen so the confidences and losses are known.
-        let logits = vec![
-            vec![5.0f32, 0.0], // conf 0.993, CE(label 0) = 0.0067
-            vec![0.0, 1.0],    // conf 0.731, CE(label 1) = 0.313
-            vec![3.0, 0.0],    // conf 0.953, CE(label 1) = 3.049
-            vec![0.0, 0.2],    // conf 0.550, CE(label 0) = 0.798
-            vec![0.0, 4.0],    // conf 0.982, CE(label 1) = 0.018
-        ];
-        let labels = [0u16, 1, 1, 0, 1];
-        let poison = [0usize, 2, 4];
-        let conf = Selection::Confidence.flags(&logits, &labels, 0.95, &poison, 0);
-        assert_eq!(conf, vec![true, false, true, false, true]);
-        // Lowest loss: 2 of 5 → images 0 and 4, whatever their confidence.
-        let low = Selection::LowestLoss(0.4).flags(&logits, &labels, 0.95, &poison, 0);
-        assert_eq!(low, vec![true, false, false, false, true]);
-        // Oracle: ratio 2/3 of the 3 poisoned → 2 poisoned, no clean.
-        let o = Selection::Oracle(2.0 / 3.0).flags(&logits, &labels, 0.95, &poison, 7);
-        assert_eq!(o.iter().filter(|&&f| f).count(), 2);
-        assert!(!o[1] && !o[3]);
-        // Ratio 4/3: all 3 poisoned plus 1 clean.
-        let o = Selection::Oracle(4.0 / 3.0).flags(&logits, &labels, 0.95, &poison, 7);
-        assert!(o[0] && o[2] && o[4]);
-        assert_eq!(o.iter().filter(|&&f| f).count(), 4);
-        assert!(Selection::LowestLoss(1.5).validate().is_err());
-        assert!(Selection::Oracle(0.0).validate().is_err());
-    }
-
-    #[test]
-    fn gate_stats_count_fpr_and_fnr() {
-        // 4 poisoned (indices 0..4), 6 clean; gate flags 3 poisoned and 1 clean.
-        let flags = [
-            true, true, true, false, true, false, false, false, false, false,
-        ];
-        let s = GateStats::from_flags(&flags, &[0, 1, 2, 3]);
-        assert_eq!(
-            (s.poisoned, s.clean, s.poisoned_flagged, s.clean_flagged),
-            (4, 6, 3, 1)
-        );
-        assert!((s.fnr() - 25.0).abs() < 1e-12);
-        assert!((s.fpr() - 100.0 / 6.0).abs() < 1e-12);
-        assert!((s.poison_flagged_pct() - 75.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn max_softmax_is_stable() {
-        assert!((max_softmax(&[1000.0, 0.0]) - 1.0).abs() < 1e-6);
-        assert!((max_softmax(&[0.0, 0.0]) - 0.5).abs() < 1e-6);
     }
 }

@@ -482,9 +482,10 @@ mod tests {
                 lr,
                 wd,
                 seed: 2,
-                loss: LossKind::Ce,
+                keep_last: false,
             };
-            let (_, log) = train_supervised(net, &raw.train, &meta, &sup, &ad).unwrap();
+            let (_, log) =
+                train_supervised(net, &raw.train, &meta, &sup, LossKind::Ce, &ad).unwrap();
             assert!(
                 log.last().unwrap() < &(log[0] * 0.9),
                 "{name}: loss did not fall: {log:?}"

@@ -203,10 +203,17 @@ impl<'a> Poisoner<'a> {
             lr: vec![1e-3; iters],
             wd: vec![0.0; iters],
             seed: 0,
-            loss: crate::train::LossKind::Ce,
+            keep_last: false,
         };
         let fp = crate::models::Vit::new(&cfg, 0, &ad);
-        let (fp, _) = crate::train::train_supervised(fp, &poisoned.tune, self.meta, &sup, &ad)?;
+        let (fp, _) = crate::train::train_supervised(
+            fp,
+            &poisoned.tune,
+            self.meta,
+            &sup,
+            crate::train::LossKind::Ce,
+            &ad,
+        )?;
         Ok(crate::attacks::cat::Attacker::new(
             fp,
             &poisoned.tune,

@@ -1,4 +1,5 @@
-//! Every dataset, attack and defence name of the paper, and which ones this build runs.
+//! Every dataset and attack name of the paper, and which ones this build runs. Defences
+//! are the ones registered in `crate::defences::REGISTRY`.
 
 /// Whether a named component can be run by this version of ieu-bench.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,14 +35,6 @@ pub const ATTACKS: &[(&str, Availability)] = &[
     ("cat", Implemented),
 ];
 
-pub const DEFENCES: &[(&str, Availability)] = &[
-    ("none", Implemented),
-    ("ieu", Implemented),
-    ("abl", Implemented),
-    ("ibau", Implemented),
-    ("attnblock", Implemented),
-];
-
 pub fn availability(table: &[(&str, Availability)], name: &str) -> Option<Availability> {
     table.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
 }
@@ -74,6 +67,6 @@ pub fn axis_availability(axis: &str, name: &str) -> Option<Availability> {
     match axis {
         "dataset" => availability(DATASETS, name),
         "attack" => attack_availability(name),
-        _ => availability(DEFENCES, name),
+        _ => crate::defences::registered(name).map(|_| Implemented),
     }
 }

@@ -21,20 +21,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, anyhow, bail};
 
 use super::names::{Availability, axis_availability, cat_base};
-use super::{IeuDefaults, LoadedSpec, Scale};
+use super::{LoadedSpec, Scale};
 use crate::attacks::{AttackParams, PoisonParams};
 use crate::dag::{Cell, Kind, Plan, Step};
 use crate::data::DatasetParams;
-use crate::defences::abl::IsolateParams;
-use crate::defences::ibau::IbauParams;
-use crate::defences::{DefenceParams, FinetuneParams, ieu::Stage1Params};
+use crate::defences::{DefenceParams, FinetuneParams};
 use crate::metrics::EvalParams;
 use crate::models::Arch;
 use crate::models::import::ImportParams;
 use crate::spec::BaselineRates;
 use crate::train::PretrainParams;
 
-fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+/// Input roles and keys of a step.
+pub fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -240,7 +239,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             arch_pretrain.insert(arch, key.clone());
             Ok(key)
         };
-        let ctx = Ctx {
+        let ds = DatasetPlan {
             spec,
             scale,
             dataset,
@@ -250,130 +249,32 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             classes,
         };
         for attack in &g.attack {
-            let poison_key = poison_step(&mut plan, &ctx, attack)?;
-
-            // The undefended model of this cell: the `none` defence, and what post-training
-            // and test-time defences (I-BAU, AttnBlock) start from.
-            let none_ft = Step::new(
-                Kind::Finetune,
-                format!("finetune {dataset}/{attack}/none"),
-                &FinetuneParams::from_scale(scale, DefenceParams::None, d.seed),
-                inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
-            )?;
-            // The finetune step of a defence with one extra input (role, key).
-            let defended = |defence: &str, dp: DefenceParams, extra: (&str, &str)| {
-                Step::new(
-                    Kind::Finetune,
-                    format!("finetune {dataset}/{attack}/{defence}"),
-                    &FinetuneParams::from_scale(scale, dp, d.seed),
-                    inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key), extra]),
-                )
-            };
+            let poison_key = poison_step(&mut plan, &ds, attack)?;
             for defence in &g.defence {
-                let mut eval_params = EvalParams {
-                    batch_size: scale.eval_batch_size,
-                    attnblock: None,
-                };
                 let arch = s.model_of(defence);
                 arch.check(scale.image_size, scale.model.patch_size)
                     .map_err(|e| anyhow!("{}: defence {defence}: {e}", spec.origin))?;
-                let fr_pretrain = pretrain_of(&mut plan, arch)?;
-                let ft_key = match s.defence_base(defence) {
-                    "none" if arch.is_vit() => plan.add(none_ft.clone()),
-                    "none" => plan.add(Step::new(
-                        Kind::Finetune,
-                        format!("finetune {dataset}/{attack}/{defence}"),
-                        &FinetuneParams::from_scale(scale, DefenceParams::None, d.seed),
-                        inputs(&[("poison", &poison_key), ("pretrain", &fr_pretrain)]),
-                    )?),
-                    "ieu" => {
-                        let ieu = s.ieu_settings(defence)?;
-                        let fp_key = stage1_step(
-                            &mut plan,
-                            &ctx,
-                            &ieu,
-                            &format!("defence {defence}"),
-                            attack,
-                            &poison_key,
-                        )?;
-                        let dp = DefenceParams::Ieu {
-                            c_thresh: ieu.c_thresh,
-                            selection: ieu.selection.clone(),
-                            logit_masking: ieu.logit_masking,
-                            unlearn_rate: ieu.unlearn_rate.clone(),
-                            gate_noise_std: ieu.gate_noise_std,
-                        };
-                        // f_p comes from the ViT checkpoint; f_r from its architecture's.
-                        plan.add(Step::new(
-                            Kind::Finetune,
-                            format!("finetune {dataset}/{attack}/{defence}"),
-                            &FinetuneParams::from_scale(scale, dp, d.seed),
-                            inputs(&[
-                                ("poison", &poison_key),
-                                ("pretrain", &fr_pretrain),
-                                ("stage1", &fp_key),
-                            ]),
-                        )?)
-                    }
-                    "abl" => {
-                        let abl = s.abl_settings(defence)?;
-                        let ip = IsolateParams {
-                            finetune: FinetuneParams::from_scale(
-                                scale,
-                                DefenceParams::None,
-                                d.seed,
-                            ),
-                            loss: abl.isolation_loss.clone(),
-                            r_isol: abl.r_isol,
-                        };
-                        let iso_key = plan.add(Step::new(
-                            Kind::Isolate,
-                            format!("abl isolation {dataset}/{attack}"),
-                            &ip,
-                            inputs(&[("poison", &poison_key), ("pretrain", &pretrain_key)]),
-                        )?);
-                        let dp = DefenceParams::Abl {
-                            unlearn_lr: abl.unlearn_lr.unwrap_or_else(|| {
-                                BaselineRates::for_dataset(&scale.baselines.abl_unlearn_lr, dataset)
-                            }),
-                            unlearn_epochs: abl.unlearn_epochs,
-                        };
-                        plan.add(defended(defence, dp, ("isolate", &iso_key))?)
-                    }
-                    "ibau" => {
-                        let none_key = plan.add(none_ft.clone());
-                        let ib = s.ibau_settings(defence)?;
-                        let b = &scale.baselines;
-                        let ip = IbauParams {
-                            rounds: ib.rounds,
-                            fixed_point_iters: ib.fixed_point_iters,
-                            fixed_point_lr: ib.fixed_point_lr,
-                            outer_lr: ib.outer_lr.unwrap_or_else(|| {
-                                BaselineRates::for_dataset(&b.ibau_outer_lr, dataset)
-                            }),
-                            inner_lr: ib.inner_lr.unwrap_or_else(|| {
-                                BaselineRates::for_dataset(&b.ibau_inner_lr, dataset)
-                            }),
-                            clean_images: ib.clean_images.unwrap_or(b.ibau_clean_images),
-                            batch_size: ib.batch_size,
-                            pert_radius: ib.pert_radius,
-                            patch_fraction: ib.patch_fraction,
-                            fd_step: ib.fd_step,
-                        };
-                        plan.add(defended(
-                            defence,
-                            DefenceParams::Ibau(ip),
-                            ("backdoored", &none_key),
-                        )?)
-                    }
-                    "attnblock" => {
-                        let ab = s.attnblock_settings(defence)?;
-                        eval_params.attnblock = Some(ab.at_size(scale.image_size));
-                        plan.add(none_ft.clone())
-                    }
-                    other => bail!("not implemented yet: defence {other}"),
+                let fr_pretrain_key = pretrain_of(&mut plan, arch)?;
+                let base = s.defence_base(defence);
+                let method = crate::defences::registered(base)
+                    .ok_or_else(|| anyhow!("not implemented yet: defence {base}"))?;
+                let settings = s
+                    .defence_settings(defence)
+                    .map_err(|e| anyhow!("{}: {e}", spec.origin))?;
+                let mut cell = CellPlan {
+                    plan: &mut plan,
+                    ds: &ds,
+                    attack,
+                    defence,
+                    poison_key: &poison_key,
+                    fr_pretrain_key: &fr_pretrain_key,
+                    eval: EvalParams {
+                        batch_size: scale.eval_batch_size,
+                        attnblock: None,
+                    },
                 };
-                let ep = eval_params;
+                let ft_key = method.plan(&mut cell, &settings)?;
+                let ep = cell.eval;
                 let eval_key = plan.add(Step::new(
                     Kind::Evaluate,
                     format!("evaluate {dataset}/{attack}/{defence}"),
@@ -397,59 +298,89 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
 }
 
 /// What every step of one dataset shares.
-struct Ctx<'a> {
-    spec: &'a LoadedSpec,
-    scale: &'a Scale,
-    dataset: &'a str,
-    data_key: &'a str,
-    pretrain_key: &'a str,
-    /// Blocks of the starting checkpoint (pretrained or imported).
-    start_depth: usize,
+pub struct DatasetPlan<'a> {
+    pub spec: &'a LoadedSpec,
+    pub scale: &'a Scale,
+    pub dataset: &'a str,
+    pub data_key: &'a str,
+    /// The ViT starting checkpoint (pretrained or imported); f_p always starts from it.
+    pub pretrain_key: &'a str,
+    /// Blocks of the starting checkpoint.
+    pub start_depth: usize,
     /// Classes of the dataset (attack targets must be below).
-    classes: usize,
+    pub classes: usize,
 }
 
-/// IEU stage 1 (f_p) on an attack's poisoned data; `who` names the setting in errors.
-fn stage1_step(
-    plan: &mut Plan,
-    ctx: &Ctx,
-    ieu: &IeuDefaults,
-    who: &str,
-    attack: &str,
-    poison_key: &str,
-) -> Result<String> {
-    let (scale, dataset) = (ctx.scale, ctx.dataset);
-    if ieu.fp_depth > ctx.start_depth {
-        bail!(
-            "{}: {who}: f_p depth {} exceeds the {}-block starting checkpoint",
-            ctx.spec.origin,
-            ieu.fp_depth,
-            ctx.start_depth
-        );
+/// One grid cell being planned: what a defence's [`Defence::plan`] builds on.
+///
+/// [`Defence::plan`]: crate::defences::Defence::plan
+pub struct CellPlan<'a> {
+    pub plan: &'a mut Plan,
+    pub ds: &'a DatasetPlan<'a>,
+    pub attack: &'a str,
+    /// The grid entry (a defence or a variant of one).
+    pub defence: &'a str,
+    pub poison_key: &'a str,
+    /// f_r's starting checkpoint: the entry's architecture's (the ViT's by default).
+    pub fr_pretrain_key: &'a str,
+    /// How the cell's model is evaluated (AttnBlock blocks patches at test time).
+    pub eval: EvalParams,
+}
+
+impl CellPlan<'_> {
+    /// Whether f_r is the ViT (its checkpoint is the ViT's).
+    pub fn fr_is_vit(&self) -> bool {
+        self.fr_pretrain_key == self.ds.pretrain_key
     }
-    let mut label = format!("stage1 f_p {dataset}/{attack}");
-    if ieu.fp_depth != 1 {
-        label.push_str(&format!(" depth {}", ieu.fp_depth));
+
+    /// The finetuning recipe of the scale with a defence's parameters.
+    pub fn finetune_params(&self, defence: DefenceParams) -> FinetuneParams {
+        FinetuneParams::from_scale(self.ds.scale, defence, self.ds.spec.spec.defaults.seed)
     }
-    if !ieu.stage1_loss.is_ce() {
-        label.push_str(&format!(" {:?}", ieu.stage1_loss).to_lowercase());
+
+    /// The cell's no-defence ViT finetune: the `none` defence's model, and what
+    /// post-training and test-time defences start from. Planned once per cell.
+    pub fn undefended(&mut self) -> Result<String> {
+        let step = Step::new(
+            Kind::Finetune,
+            format!("finetune {}/{}/none", self.ds.dataset, self.attack),
+            &self.finetune_params(DefenceParams::none()),
+            inputs(&[
+                ("poison", self.poison_key),
+                ("pretrain", self.ds.pretrain_key),
+            ]),
+        )?;
+        Ok(self.plan.add(step))
     }
-    let sp = Stage1Params::from_scale(
-        scale,
-        ieu.fp_depth,
-        ieu.stage1_loss.clone(),
-        ctx.spec.spec.defaults.seed,
-    );
-    Ok(plan.add(Step::new(
-        Kind::Stage1,
-        label,
-        &sp,
-        inputs(&[("poison", poison_key), ("pretrain", ctx.pretrain_key)]),
-    )?))
+
+    /// The entry's `finetune` step: f_r from its checkpoint on the poisoned set, with the
+    /// defence's parameters and its own inputs (`(role, key)`).
+    pub fn finetune(&mut self, defence: DefenceParams, extra: &[(&str, &str)]) -> Result<String> {
+        let mut ins = inputs(&[
+            ("poison", self.poison_key),
+            ("pretrain", self.fr_pretrain_key),
+        ]);
+        ins.extend(extra.iter().map(|(r, k)| (r.to_string(), k.to_string())));
+        let step = Step::new(
+            Kind::Finetune,
+            format!(
+                "finetune {}/{}/{}",
+                self.ds.dataset, self.attack, self.defence
+            ),
+            &self.finetune_params(defence),
+            ins,
+        )?;
+        Ok(self.plan.add(step))
+    }
+
+    /// A per-dataset value of the scale (`{ default: …, gtsrb: … }`) for this dataset.
+    pub fn per_dataset(&self, map: &crate::spec::PerDataset) -> f64 {
+        BaselineRates::for_dataset(map, self.ds.dataset)
+    }
 }
 
 /// The poison step of a grid attack entry (and the steps it reads); returns its key.
-fn poison_step(plan: &mut Plan, ctx: &Ctx, attack: &str) -> Result<String> {
+fn poison_step(plan: &mut Plan, ctx: &DatasetPlan, attack: &str) -> Result<String> {
     let s = &ctx.spec.spec;
     let d = &s.defaults;
     let variant = s.attack_variants.get(attack);
@@ -491,7 +422,7 @@ struct Settings<'a> {
 /// with the grid entry `entry`.
 fn poison_step_of(
     plan: &mut Plan,
-    ctx: &Ctx,
+    ctx: &DatasetPlan,
     a: &Settings,
     entry: &str,
     name: &str,
@@ -512,10 +443,15 @@ fn poison_step_of(
         // would (the spec's IEU settings), then PGD against that f_p.
         let base = cat_base(name).unwrap_or(&a.attacks.cat.base);
         let base_key = poison_step_of(plan, ctx, a, base, base, rate, target)?;
-        let fp_key = stage1_step(
+        let ieu = ctx
+            .spec
+            .spec
+            .ieu_defaults()
+            .map_err(|e| anyhow!("{}: {e}", ctx.spec.origin))?;
+        let fp_key = crate::defences::ieu::plan_stage1(
             plan,
             ctx,
-            &d.ieu,
+            &ieu,
             &format!("attack {entry}"),
             base,
             &base_key,

@@ -3,13 +3,12 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 
 use crate::data::{DatasetMeta, synthetic};
 use crate::models::{Vit, VitConfig};
 use crate::spec::Scale;
-use crate::train::{View, adamw, cross_entropy, labels, rng_for, views};
+use crate::train::{Optimiser, View, cross_entropy, labels, rng_for, views};
 
 pub struct BenchResult {
     pub backend: &'static str,
@@ -68,7 +67,7 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
     };
     let mut model = Vit::new(&cfg, 0, &ad);
     let params = model.num_params();
-    let mut optim = adamw();
+    let mut optim = Optimiser::adamw();
     let idx: Vec<usize> = (0..raw.train.len()).collect();
     let wanted: &[View] = match scale.views {
         crate::spec::Views::Sit => &[View::Crop, View::Corrupt],
@@ -90,8 +89,7 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
         let ys = Tensor::cat(vec![y; xs.len()], 0);
         let loss = cross_entropy(model.forward(Tensor::cat(xs, 0)), ys);
         let _ = loss.clone().into_scalar::<f32>();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-4, model, grads);
+        model = optim.descend(model, loss, 1e-4, 0.0);
         if s >= 2 {
             seconds += t0.elapsed().as_secs_f64();
         }

@@ -1,26 +1,25 @@
 //! Training machinery shared by every step: batches and views, the loss, learning-rate
-//! and weight-decay schedules, decoupled weight decay, the supervised loop, prediction,
-//! and the `pretrain` step.
+//! and weight-decay schedules and decoupled weight decay (here); the one training loop
+//! ([`fit`]), the one inference helper ([`infer`]) and the `pretrain` step ([`pretrain`]).
 
 pub mod bench;
+pub mod fit;
+pub mod infer;
+pub mod pretrain;
 
-use std::path::Path;
+pub use fit::{Batch, Hooks, LossLog, Optimiser, Plain, Supervised, fit, train_supervised};
+pub use infer::{Logits, accuracy, logits, predict};
+pub use pretrain::{PretrainParams, run_pretrain_step};
 
-use anyhow::{Result, bail};
-use burn::grad_clipping::GradientClippingConfig;
-use burn::module::{Module, ModuleMapper, Param};
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::log_softmax;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DatasetMeta, ImageSet, augment};
-use crate::models::{Arch, Classifier, Net, NetConfig, VitConfig};
-use crate::progress::Progress;
-use crate::spec::{ModelDims, Scale};
 
 /// Per-parameter gradient clipping (reference implementation: clip_grad 3.0).
 pub const CLIP_GRAD: f32 = 3.0;
@@ -169,14 +168,6 @@ impl ModuleMapper for Decay {
     }
 }
 
-pub fn adamw() -> burn::optim::ModuleOptimizer {
-    AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.0)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(CLIP_GRAD)))
-        .init()
-}
-
 /// Shuffled mini-batches of 0..n for one epoch (the last partial batch is dropped unless it
 /// is the only one, as the reference DataLoader's drop_last).
 pub fn epoch_batches(n: usize, batch: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
@@ -252,210 +243,10 @@ impl LossKind {
     }
 }
 
-/// A plain supervised run: which views to learn from, the per-iteration learning rate and
-/// weight decay.
-pub struct Supervised<'a> {
-    pub label: &'a str,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub views: &'a [View],
-    pub lr: Vec<f64>,
-    pub wd: Vec<f64>,
-    pub seed: u64,
-    pub loss: LossKind,
-}
-
-/// Mean training loss per epoch.
-pub type LossLog = Vec<f64>;
-
-pub fn train_supervised<M: Classifier>(
-    mut model: M,
-    set: &ImageSet,
-    meta: &DatasetMeta,
-    cfg: &Supervised,
-    device: &Device,
-) -> Result<(M, LossLog)> {
-    let mut optim = adamw();
-    let iters = iters_per_epoch(set.len(), cfg.batch_size);
-    let progress = Progress::new(cfg.label, (cfg.epochs * iters) as u64);
-    let mut log = Vec::new();
-    let mut it = 0usize;
-    for epoch in 0..cfg.epochs {
-        let mut sum = 0.0;
-        let mut count = 0usize;
-        for (bi, batch) in epoch_batches(set.len(), cfg.batch_size, cfg.seed, epoch)
-            .iter()
-            .enumerate()
-        {
-            let mut rng = rng_for(cfg.seed, epoch, bi, 0xA06);
-            let xs = views(set, batch, cfg.views, meta, &mut rng, device);
-            let y = labels(set, batch, device);
-            let ys = Tensor::cat(vec![y; xs.len()], 0);
-            let x = Tensor::cat(xs, 0);
-            let loss = cfg.loss.apply(cross_entropy(model.forward(x), ys));
-            let value: f32 = loss.clone().into_scalar::<f32>();
-            if !value.is_finite() {
-                bail!(
-                    "{}: non-finite training loss {value} at epoch {epoch}, batch {bi}",
-                    cfg.label
-                );
-            }
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = cfg.lr[it];
-            model = optim.step(lr, model, grads);
-            if cfg.wd[it] > 0.0 {
-                model = model.map(&mut Decay {
-                    factor: 1.0 - lr * cfg.wd[it],
-                });
-            }
-            sum += value as f64;
-            count += 1;
-            it += 1;
-            progress.inc(format!(
-                "epoch {}/{} loss {:.3}",
-                epoch + 1,
-                cfg.epochs,
-                sum / count as f64
-            ));
-        }
-        log.push(sum / count.max(1) as f64);
-        tracing::debug!(step = cfg.label, epoch, loss = log[epoch], "epoch done");
-    }
-    progress.finish();
-    Ok((model, log))
-}
-
-/// Argmax class and max softmax probability of every image (unaugmented), in order.
-pub fn predict<M: Classifier>(
-    model: &M,
-    set: &ImageSet,
-    meta: &DatasetMeta,
-    batch: usize,
-    device: &Device,
-) -> Vec<(usize, f32)> {
-    let model = model.valid();
-    let mut out = Vec::with_capacity(set.len());
-    let idx: Vec<usize> = (0..set.len()).collect();
-    let mut rng = rng_for(0, 0, 0, 0);
-    for chunk in idx.chunks(batch) {
-        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device)
-            .pop()
-            .unwrap();
-        let p = softmax(model.forward(x), 1);
-        let (mx, am) = p.max_dim_with_indices(1);
-        let mx: Vec<f32> = mx.to_data().convert::<f32>().try_to_vec().unwrap();
-        let am: Vec<i64> = am.to_data().convert::<i64>().try_to_vec().unwrap();
-        out.extend(am.into_iter().zip(mx).map(|(a, m)| (a as usize, m)));
-    }
-    out
-}
-
-/// Fraction (in %) of images predicted as their label.
-pub fn accuracy(pred: &[(usize, f32)], set: &ImageSet) -> f64 {
-    if pred.is_empty() {
-        return 0.0;
-    }
-    let ok = pred
-        .iter()
-        .zip(&set.labels)
-        .filter(|((p, _), l)| *p == **l as usize)
-        .count();
-    100.0 * ok as f64 / pred.len() as f64
-}
-
-// ---------------------------------------------------------------------------------------
-// The pretrain step
-
-/// The clean starting checkpoint: a ViT trained from scratch on the pretrain split, which
-/// is disjoint from the finetuning set (no pretrained ViT exists offline).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PretrainParams {
-    pub model: ModelDims,
-    /// The architecture (Table 8); the ViT by default, left out of the key.
-    #[serde(default, skip_serializing_if = "Arch::is_vit")]
-    pub arch: Arch,
-    pub view: View,
-    pub image_size: usize,
-    pub epochs: usize,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup_epochs: usize,
-    pub weight_decay: f64,
-    pub batch_size: usize,
-    pub seed: u64,
-}
-
-impl PretrainParams {
-    pub fn from_scale(s: &Scale, seed: u64) -> Self {
-        Self {
-            model: s.model.clone(),
-            arch: Arch::Vit,
-            view: s.pretrain.view,
-            image_size: s.image_size,
-            epochs: s.pretrain.epochs,
-            lr: s.pretrain.lr,
-            min_lr: s.pretrain.min_lr,
-            warmup_epochs: s.pretrain.warmup_epochs,
-            weight_decay: s.pretrain.weight_decay,
-            batch_size: s.batch_size,
-            seed,
-        }
-    }
-
-    pub fn vit_config(&self, num_classes: usize) -> VitConfig {
-        VitConfig {
-            image_size: self.image_size,
-            patch_size: self.model.patch_size,
-            dim: self.model.dim,
-            depth: self.model.depth,
-            heads: self.model.heads,
-            mlp_ratio: self.model.mlp_ratio,
-            num_classes,
-        }
-    }
-}
-
-/// Writes `model.safetensors`, `config.json` and `train_log.json` (loss per epoch and
-/// accuracy on the clean test split).
-pub fn run_pretrain_step(
-    p: &PretrainParams,
-    dataset_dir: &Path,
-    out: &Path,
-    device: &Device,
-) -> Result<f64> {
-    let meta = crate::data::load_meta(dataset_dir)?;
-    let set = ImageSet::load(&dataset_dir.join("pretrain.safetensors"))?;
-    if set.is_empty() {
-        bail!("the pretrain split is empty: set data.pretrain in the scale");
-    }
-    let cfg = NetConfig::new(p.arch, p.vit_config(meta.num_classes()));
-    let ad = device.clone().autodiff();
-    let model = Net::new(&cfg, p.seed, &ad);
-    let iters = iters_per_epoch(set.len(), p.batch_size);
-    let lr = cosine_schedule(p.lr, p.min_lr, p.epochs, iters, p.warmup_epochs, 0.0);
-    let wd = vec![p.weight_decay; lr.len()];
-    let sup = Supervised {
-        label: "pretrain",
-        epochs: p.epochs,
-        batch_size: p.batch_size,
-        views: &[p.view],
-        lr,
-        wd,
-        seed: p.seed,
-        loss: LossKind::Ce,
-    };
-    let (model, log) = train_supervised(model, &set, &meta, &sup, &ad)?;
-    let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
-    let acc = accuracy(&predict(&model, &test, &meta, 256, device), &test);
-    crate::models::save_net(&model.valid(), &cfg, out)?;
-    let info = serde_json::json!({ "loss_per_epoch": log, "clean_test_accuracy": acc });
-    crate::store::write_json(&out.join("train_log.json"), &info)?;
-    Ok(acc)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::VitConfig;
 
     #[test]
     fn cosine_schedule_matches_reference_shape() {
@@ -525,9 +316,10 @@ mod tests {
             lr,
             wd,
             seed: 3,
-            loss: LossKind::Ce,
+            keep_last: false,
         };
-        let (model, log) = train_supervised(model, &raw.train, &meta, &sup, &ad).unwrap();
+        let (model, log) =
+            train_supervised(model, &raw.train, &meta, &sup, LossKind::Ce, &ad).unwrap();
         assert!(
             log.last().unwrap() < &(log[0] * 0.8),
             "loss did not fall: {log:?}"

@@ -1,0 +1,209 @@
+use std::path::Path;
+
+use super::*;
+
+const GOOD: &str = r#"
+name: t
+title: T
+grid: { dataset: [synthetic], attack: [badnets-white], defence: [none, ieu] }
+report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
+"#;
+
+#[test]
+fn parses_minimal_spec_with_defaults() {
+    let s = LoadedSpec::from_str(GOOD, "t.yaml", ".".into()).unwrap();
+    assert_eq!(s.spec.defaults.target, 1);
+    assert_eq!(s.spec.ieu_defaults().unwrap().c_thresh, 0.95);
+}
+
+#[test]
+fn unknown_key_names_file_and_field() {
+    let bad = GOOD.replace("name: t", "name: t\ndefaults: { poison_rat: 0.2 }");
+    let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.yaml") && e.contains("defaults") && e.contains("poison_rat"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_attack_names_index() {
+    let bad = GOOD.replace("[badnets-white]", "[badnets-white, badnetz]");
+    let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("grid.attack[1]") && e.contains("badnetz"), "{e}");
+}
+
+#[test]
+fn bad_value_is_rejected() {
+    let bad = GOOD.replace("name: t", "name: t\ndefaults: { poison_rate: 1.5 }");
+    let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("defaults.poison_rate") && e.contains("1.5"),
+        "{e}"
+    );
+}
+
+#[test]
+fn only_filters_and_rejects_unknown_values() {
+    let mut s = LoadedSpec::from_str(GOOD, "t.yaml", ".".into()).unwrap();
+    s.apply_only(&["defence=ieu".into()]).unwrap();
+    assert_eq!(s.spec.grid.defence, vec!["ieu"]);
+    let e = s
+        .apply_only(&["attack=blended".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'blended' is not in grid.attack"), "{e}");
+    let e = s
+        .apply_only(&["colour=red".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown axis 'colour'"), "{e}");
+}
+
+#[test]
+fn variants_override_ieu_settings_and_are_checked() {
+    let spec = GOOD.replace(
+        "name: t",
+        "name: t\ndefaults: { ieu: { unlearn_rate: { constant: 2.0 } } }\nvariants:\n  ieu-nm: { base: ieu, ieu: { logit_masking: false, c_thresh: 0.9 } }",
+    );
+    let spec = spec.replace("defence: [none, ieu]", "defence: [none, ieu, ieu-nm]");
+    let s = LoadedSpec::from_str(&spec, "t.yaml", ".".into()).unwrap();
+    let v = <crate::defences::ieu::IeuSettings as crate::defences::Settings>::of(
+        &s.spec.defence_settings("ieu-nm").unwrap(),
+    )
+    .unwrap();
+    assert!(!v.logit_masking && v.c_thresh == 0.9);
+    assert_eq!(
+        v.unlearn_rate,
+        crate::defences::ieu::UnlearnRate::Constant(2.0),
+        "inherits defaults"
+    );
+    assert_eq!(s.spec.defence_base("ieu-nm"), "ieu");
+    let bad = spec.replace("c_thresh: 0.9", "c_tresh: 0.9");
+    let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("variants.ieu-nm") && e.contains("c_tresh"),
+        "{e}"
+    );
+    let bad = spec.replace("c_thresh: 0.9", "c_thresh: 1.5");
+    let e = LoadedSpec::from_str(&bad, "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("variants.ieu-nm.ieu.c_thresh"), "{e}");
+}
+
+#[test]
+fn dataset_entries_are_grid_datasets_and_are_checked() {
+    let spec = GOOD.replace(
+        "name: t",
+        "name: t\ndatasets:\n  signs: { format: imagefolder, path: data/signs }",
+    );
+    let spec = spec.replace("dataset: [synthetic]", "dataset: [synthetic, signs]");
+    let s = LoadedSpec::from_str(&spec, "t.yaml", ".".into()).unwrap();
+    assert_eq!(s.spec.datasets["signs"].path, "data/signs");
+    let e = LoadedSpec::from_str(&spec.replace("imagefolder", "lmdb"), "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.yaml") && e.contains("datasets.signs.format"),
+        "{e}"
+    );
+    let e = LoadedSpec::from_str(&spec.replace("path:", "root:"), "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("datasets.signs") && e.contains("root"), "{e}");
+    let e = LoadedSpec::from_str(
+        &spec
+            .replace("  signs:", "  cifar10:")
+            .replace("signs]", "cifar10]"),
+        "t.yaml",
+        ".".into(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("datasets.cifar10") && e.contains("built-in"),
+        "{e}"
+    );
+    let e = LoadedSpec::from_str(
+        &spec.replace("[synthetic, signs]", "[synthetic, sings]"),
+        "t.yaml",
+        ".".into(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("grid.dataset[1]") && e.contains("sings"), "{e}");
+}
+
+#[test]
+fn pretrained_is_a_path_or_a_mapping() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "name: t",
+            &format!("name: t\ndefaults: {{ pretrained: {v} }}"),
+        )
+    };
+    let s = LoadedSpec::from_str(&with("vit.safetensors"), "t.yaml", ".".into()).unwrap();
+    let p = s.spec.defaults.pretrained.unwrap();
+    assert_eq!((p.path.as_str(), p.heads), ("vit.safetensors", None));
+    let s = LoadedSpec::from_str(
+        &with("{ path: sit.pth, heads: 6, checkpoint_key: teacher }"),
+        "t.yaml",
+        ".".into(),
+    )
+    .unwrap();
+    let p = s.spec.defaults.pretrained.unwrap();
+    assert_eq!(
+        (p.heads, p.checkpoint_key.as_deref()),
+        (Some(6), Some("teacher"))
+    );
+    let e = LoadedSpec::from_str(&with("{ path: a.pth, head: 6 }"), "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.yaml") && e.contains("defaults.pretrained") && e.contains("head"),
+        "{e}"
+    );
+    let e = LoadedSpec::from_str(&with("{ path: a.pth, heads: 0 }"), "t.yaml", ".".into())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("defaults.pretrained.heads"), "{e}");
+}
+
+#[test]
+fn every_shipped_spec_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".yaml") || name == "scales.yaml" {
+            continue;
+        }
+        let spec = LoadedSpec::load(Some(&path)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        for scale in ["smoke", "cpu", "paper"] {
+            spec.scale(scale).unwrap();
+        }
+        n += 1;
+    }
+    assert!(n >= 15, "only {n} specs found");
+}
+
+#[test]
+fn embedded_scales_parse() {
+    for name in ["smoke", "cpu", "paper"] {
+        load_scale(DEFAULT_SCALES, "scales.yaml", name).unwrap();
+    }
+    let e = load_scale(DEFAULT_SCALES, "scales.yaml", "huge")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown scale 'huge'"), "{e}");
+}
