@@ -100,9 +100,9 @@ fn comments_docs_formatting_and_tests_move_nothing() {
             "    /// Doc.\n    pub fn forward(&self, x: Tensor<3>)",
         ),
         (
-            "src/store/mod.rs",
-            "    fn a_key_lock_excludes_others_until_dropped() {",
-            "    fn a_key_lock_excludes_others_until_dropped() {\n        let _unused_in_a_test = 1;",
+            "src/store/tests.rs",
+            "fn a_key_lock_excludes_others_until_dropped() {",
+            "fn a_key_lock_excludes_others_until_dropped() {\n    let _unused_in_a_test = 1;",
         ),
     ]);
     assert!(moved.is_empty(), "moved: {moved:?}");
