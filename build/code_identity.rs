@@ -7,7 +7,8 @@
 // item becomes its token stream (comments and whitespace are not tokens; `#[doc]`
 // attributes and `#[cfg(test)]` items are removed) and is linked to the items its tokens
 // name. The identity of a step kind is the blake3 hash of every item reachable from the
-// kind's entry functions (`ROOTS`), plus the locked versions of the crates that do its
+// kind's entry functions (the `roots` of `src/dag/kinds.rs` and each registered
+// defence's `run`), plus the locked versions of the crates that do its
 // arithmetic (Burn, rand, image decoding).
 //
 // Name resolution errs on the side of linking too much:
@@ -21,7 +22,7 @@
 // - an unqualified name resolves in its own module, then through the module's `use`s;
 // - naming a type pulls in its impl headers, and trait impls whole (their methods are
 //   called implicitly: `Drop`, `Display`, `From` through `?`, serde).
-// Dispatch is left out on purpose: the executor's `compute` and
+// Dispatch is left out on purpose: the kinds' `run` functions (`src/dag/kinds.rs`) and
 // `defences::run_finetune_step` only route a step to its entry function and are reachable
 // from no root, so an edit to IEU's stage 2 changes the IEU finetune key and not the
 // no-defence one. Keep such dispatchers free of arithmetic.
@@ -31,27 +32,6 @@ use std::path::{Path, PathBuf};
 
 use proc_macro2::{Delimiter, TokenStream, TokenTree};
 use quote::ToTokens;
-
-/// Step identity -> the functions that compute it (paths from the crate root). The
-/// `finetune/<defence>` identities (the `finetune` kind with that defence) are not listed:
-/// they come from the defence registry ([`defence_roots`]).
-const ROOTS: &[(&str, &[&str])] = &[
-    ("dataset", &["data::run_dataset_step"]),
-    (
-        "poison",
-        &[
-            "attacks::run_poison_step",
-            "attacks::issba::run_issba_poison",
-            "attacks::cat::run_cat_poison",
-        ],
-    ),
-    ("stegastamp", &["attacks::issba::run_stegastamp_step"]),
-    ("pretrain", &["train::pretrain::run_pretrain_step"]),
-    ("import", &["models::import::run_import_step"]),
-    ("stage1", &["defences::ieu::run_stage1_step"]),
-    ("isolate", &["defences::abl::run_isolate_step"]),
-    ("evaluate", &["metrics::run_evaluate_step"]),
-];
 
 /// Crates whose version changes numerics; their locked versions enter every identity.
 const NUMERIC_CRATES: &[&str] = &[
@@ -122,9 +102,9 @@ pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String)
     let index = Index::new(&krate);
     let mut debug = String::new();
     let mut ids = Vec::new();
-    let mut all: Vec<(String, Vec<String>)> = ROOTS
-        .iter()
-        .map(|(n, r)| (n.to_string(), r.iter().map(|s| s.to_string()).collect()))
+    let mut all: Vec<(String, Vec<String>)> = kind_roots(&root.join("src/dag/kinds.rs"))
+        .into_iter()
+        .filter(|(_, roots)| !roots.is_empty())
         .collect();
     for module in defence_roots(&root.join("src/defences/mod.rs")) {
         let run = format!("defences::{module}::run");
@@ -185,6 +165,39 @@ pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String)
         ids.push((name.to_string(), h.finalize().to_hex().to_string(), items.len()));
     }
     (ids, deps, debug)
+}
+
+/// Each step kind's identity roots, from the `KINDS` table of `src/dag/kinds.rs`
+/// (`kind: Kind::Pretrain, roots: &["train::pretrain::run_pretrain_step"]` → identity
+/// `pretrain`). The `finetune` kind lists none: its identities are the defences'.
+pub fn kind_roots(table: &Path) -> Vec<(String, Vec<String>)> {
+    let text = std::fs::read_to_string(table)
+        .unwrap_or_else(|e| panic!("build.rs: cannot read {}: {e}", table.display()));
+    let start = text
+        .find("pub static KINDS")
+        .unwrap_or_else(|| panic!("build.rs: no `pub static KINDS` in {}", table.display()));
+    let mut out = Vec::new();
+    for row in text[start..].split("KindDef {").skip(1) {
+        let Some(kind) = row
+            .split_once("kind: Kind::")
+            .and_then(|(_, r)| r.split(|c: char| !c.is_alphanumeric()).next())
+        else {
+            continue;
+        };
+        let roots = row
+            .split_once("roots: &[")
+            .and_then(|(_, r)| r.split_once(']'))
+            .map(|(list, _)| {
+                list.split('"')
+                    .skip(1)
+                    .step_by(2)
+                    .map(|s| s.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((kind.to_lowercase(), roots));
+    }
+    out
 }
 
 /// The modules of the defences in `REGISTRY` (`&ieu::Ieu,` → `ieu`), in order. A defence

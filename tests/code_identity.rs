@@ -90,7 +90,7 @@ fn comments_docs_formatting_and_tests_move_nothing() {
             "// a comment\n/// more doc\npub   fn\n   dynamic_unlearn_scale(",
         ),
         (
-            "src/train/mod.rs",
+            "src/train/fit.rs",
             "        let mut sum = 0.0;",
             "        // note\n\n        let mut sum = 0.0;   ",
         ),
@@ -111,9 +111,9 @@ fn comments_docs_formatting_and_tests_move_nothing() {
 #[test]
 fn the_training_loop_moves_what_trains_with_it_and_not_data_or_poison() {
     let moved = changed_by(&[(
-        "src/train/mod.rs",
-        "factor: 1.0 - lr * cfg.wd[it],",
-        "factor: 1.0 - 0.5 * lr * cfg.wd[it],",
+        "src/train/fit.rs",
+        "factor: 1.0 - lr * wd,",
+        "factor: 1.0 - 0.5 * lr * wd,",
     )]);
     for must in ["pretrain", "stage1", "finetune/none", "isolate"] {
         assert!(moved.contains(&must.to_string()), "{must} not in {moved:?}");
@@ -165,13 +165,33 @@ fn new_items_elsewhere_move_nothing() {
         ),
     ]);
     // A new item-level macro call is in every identity (it has no name to be reached by).
-    assert_eq!(moved.len(), ROOTS.len(), "{moved:?}");
+    assert_eq!(moved.len(), ids(&root()).len(), "{moved:?}");
     let moved = changed_by(&[(
         "src/cli/mod.rs",
         "fn human_bytes(b: u64) -> String {",
         "fn unrelated_helper() {}\nmacro_rules! unrelated { () => {}; }\nfn human_bytes(b: u64) -> String {",
     )]);
     assert!(moved.is_empty(), "moved: {moved:?}");
+}
+
+#[test]
+fn each_registered_defence_has_its_own_finetune_identity() {
+    let names: Vec<String> = ids(&root()).into_keys().collect();
+    for d in ["none", "ieu", "abl", "ibau", "fine-pruning"] {
+        assert!(names.contains(&format!("finetune/{d}")), "{names:?}");
+    }
+    // AttnBlock trains nothing: it has no finetune step of its own.
+    assert!(
+        !names.contains(&"finetune/attnblock".to_string()),
+        "{names:?}"
+    );
+    // An edit inside one defence moves that defence's finetune only.
+    let moved = changed_by(&[(
+        "src/defences/fine_pruning.rs",
+        "if before - a > fp.max_accuracy_drop {",
+        "if before - a >= fp.max_accuracy_drop {",
+    )]);
+    assert_eq!(moved, vec!["finetune/fine-pruning".to_string()]);
 }
 
 #[test]
@@ -198,5 +218,5 @@ fn a_dependency_upgrade_moves_everything() {
         "name = \"burn-tensor\"\nversion = \"",
         "name = \"burn-tensor\"\nversion = \"9",
     )]);
-    assert_eq!(moved.len(), ROOTS.len(), "{moved:?}");
+    assert_eq!(moved.len(), ids(&root()).len(), "{moved:?}");
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 
-use super::{Kind, Plan, Step};
+use super::{Plan, Step};
 use crate::store::{Damaged, KeyLock, Manifest, Store};
 
 pub struct Executor {
@@ -469,186 +469,20 @@ impl Executor {
         Ok(t0.elapsed().as_secs_f64())
     }
 
-    fn input(&self, step: &Step, role: &str) -> Result<PathBuf> {
-        let key = step
-            .inputs
-            .get(role)
-            .ok_or_else(|| anyhow!("step {} has no input '{role}'", step.label))?;
-        self.store.verified(key)
-    }
-
+    /// Runs a step's kind (the table in [`super::kinds`]) into `out`.
     fn compute(
         &self,
         step: &Step,
         out: &std::path::Path,
         dev: &burn::prelude::Device,
     ) -> Result<()> {
-        match step.kind {
-            Kind::Dataset => {
-                let p: crate::data::DatasetParams = step.params()?;
-                let data_dir = step.locators.get("data_dir").or(self.data_dir.as_ref());
-                let root = step.locators.get("dataset_root").map(|p| p.as_path());
-                let meta =
-                    crate::data::run_dataset_step(&p, data_dir.map(|p| p.as_path()), root, out)?;
-                tracing::info!(
-                    "    {}: {} pretrain, {} tune, {} test images",
-                    meta.name,
-                    meta.pretrain,
-                    meta.tune,
-                    meta.test
-                );
-            }
-            Kind::Poison => {
-                let p: crate::attacks::PoisonParams = step.params()?;
-                let dataset = self.input(step, "dataset")?;
-                let n = match &p.attack {
-                    crate::attacks::AttackParams::Issba(_) => {
-                        crate::attacks::issba::run_issba_poison(
-                            &p,
-                            &dataset,
-                            &self.input(step, "stegastamp")?,
-                            out,
-                            dev,
-                        )?
-                    }
-                    crate::attacks::AttackParams::Cat(c) => {
-                        let st = crate::attacks::cat::run_cat_poison(
-                            &p,
-                            c,
-                            &dataset,
-                            &self.input(step, "base")?,
-                            &self.input(step, "stage1")?,
-                            out,
-                            dev,
-                        )?;
-                        tracing::info!(
-                            "    CAT objective {:.3} -> {:.3} (u8 {:.3}); gate-flagged {:.1}% -> {:.1}%; mean l2 {:.2}/255",
-                            st.objective_before,
-                            st.objective_after_pgd,
-                            st.objective_after_u8,
-                            st.flagged_before_pct,
-                            st.flagged_after_pct,
-                            st.l2_mean
-                        );
-                        st.perturbed
-                    }
-                    _ => {
-                        let files = crate::attacks::TriggerFiles {
-                            trigger: step.locators.get("trigger_file").cloned(),
-                            mask: step.locators.get("mask_file").cloned(),
-                        };
-                        crate::attacks::run_poison_step(&p, &dataset, &files, out)?
-                    }
-                };
-                tracing::info!("    {} poisoned training images", n);
-            }
-            Kind::Stegastamp => {
-                let p: crate::attacks::issba::StegaParams = step.params()?;
-                let st = crate::attacks::issba::run_stegastamp_step(
-                    &p,
-                    &self.input(step, "dataset")?,
-                    out,
-                    dev,
-                )?;
-                tracing::info!(
-                    "    secret bit accuracy {:.3} (held-out {:.3}, clean {:.3}); PSNR {:.1} dB, max l_inf {:.4}",
-                    st.bit_acc_train,
-                    st.bit_acc_heldout,
-                    st.bit_acc_clean,
-                    st.psnr_mean,
-                    st.linf_max
-                );
-            }
-            Kind::Pretrain => {
-                let p: crate::train::PretrainParams = step.params()?;
-                let acc =
-                    crate::train::run_pretrain_step(&p, &self.input(step, "dataset")?, out, dev)?;
-                tracing::info!("    pretrained checkpoint: {acc:.2}% clean test accuracy");
-            }
-            Kind::Import => {
-                let p: crate::models::import::ImportParams = step.params()?;
-                let path = step
-                    .locators
-                    .get("checkpoint")
-                    .ok_or_else(|| anyhow!("import step {} has no checkpoint file", step.label))?;
-                let note = crate::models::import::run_import_step(&p, path, out, dev)?;
-                tracing::info!("    {note}");
-            }
-            Kind::Stage1 => {
-                let p: crate::defences::ieu::Stage1Params = step.params()?;
-                let poison = self.input(step, "poison")?;
-                let dataset = self.dataset_of(&poison)?;
-                crate::defences::ieu::run_stage1_step(
-                    &p,
-                    &dataset,
-                    &poison,
-                    &self.input(step, "pretrain")?,
-                    out,
-                    dev,
-                )?;
-            }
-            Kind::Isolate => {
-                let p: crate::defences::abl::IsolateParams = step.params()?;
-                let poison = self.input(step, "poison")?;
-                let dataset = self.dataset_of(&poison)?;
-                let g = crate::defences::abl::run_isolate_step(
-                    &p,
-                    &dataset,
-                    &poison,
-                    &self.input(step, "pretrain")?,
-                    out,
-                    dev,
-                )?;
-                tracing::info!(
-                    "    isolated {} images, {} of them poisoned",
-                    g.poisoned_flagged + g.clean_flagged,
-                    g.poisoned_flagged
-                );
-            }
-            Kind::Finetune => {
-                let p: crate::defences::FinetuneParams = step.params()?;
-                let poison = self.input(step, "poison")?;
-                let mut others = std::collections::BTreeMap::new();
-                for role in step.inputs.keys() {
-                    if role != "poison" && role != "pretrain" {
-                        others.insert(role.clone(), self.input(step, role)?);
-                    }
-                }
-                let inputs = crate::defences::FinetuneInputs {
-                    dataset: self.dataset_of(&poison)?,
-                    pretrain: self.input(step, "pretrain")?,
-                    poison,
-                    others,
-                };
-                crate::defences::run_finetune_step(&p, &inputs, out, dev)?;
-            }
-            Kind::Evaluate => {
-                let p: crate::metrics::EvalParams = step.params()?;
-                let m = crate::metrics::run_evaluate_step(
-                    &p,
-                    &self.input(step, "finetune")?,
-                    &self.input(step, "poison")?,
-                    &self.input(step, "dataset")?,
-                    out,
-                    dev,
-                )?;
-                tracing::info!("    CA {:.2}%  ASR {:.2}%", m.ca, m.asr);
-            }
-        }
-        Ok(())
-    }
-
-    /// The dataset step a poison step was made from (its recorded input).
-    fn dataset_of(&self, poison_dir: &std::path::Path) -> Result<PathBuf> {
-        let key = poison_dir
-            .file_name()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| anyhow!("bad store path"))?;
-        let m = self.store.manifest(key)?;
-        let d = m
-            .inputs
-            .get("dataset")
-            .ok_or_else(|| anyhow!("poison step {key} has no dataset input"))?;
-        self.store.verified(d)
+        let run = super::kinds::StepRun {
+            step,
+            store: &self.store,
+            data_dir: self.data_dir.as_deref(),
+            out,
+            device: dev,
+        };
+        (super::kinds::of(step.kind).run)(&run)
     }
 }

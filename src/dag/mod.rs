@@ -6,6 +6,7 @@
 //! store is never recomputed.
 
 pub mod exec;
+pub mod kinds;
 pub mod slurm;
 
 use std::collections::{BTreeMap, HashSet};
@@ -88,7 +89,7 @@ pub fn code_digest(kind: Kind, params: &Value) -> &'static str {
         .iter()
         .find(|(n, _, _)| *n == name)
         .map(|(_, d, _)| *d)
-        .unwrap_or_else(|| panic!("no code identity `{name}` (add it to build.rs ROOTS)"))
+        .unwrap_or_else(|| panic!("no code identity `{name}` (give its kind roots in dag::kinds::KINDS, or register its defence)"))
 }
 
 #[derive(Debug, Clone)]

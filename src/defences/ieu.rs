@@ -20,6 +20,8 @@
 //!   epoch start (the paper; the reference code keeps ℓ across epochs).
 
 pub mod gate;
+pub mod settings;
+pub mod stage1;
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -31,18 +33,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use gate::{CONFIDENCES, Confidences, GATE_BATCH, GateStats, Selection};
+pub use settings::{IeuParams, IeuSettings, Stage1Loss, UnlearnRate};
+pub use stage1::{Stage1Params, plan_stage1, run_stage1_step};
 
 use super::{Defence, DefenceParams, FinetuneInputs, FinetuneParams, Settings};
 use crate::data::{DatasetMeta, ImageSet};
 use crate::models::Classifier;
-use crate::spec::plan::{CellPlan, DatasetPlan};
+use crate::spec::plan::CellPlan;
 use crate::train::infer::max_softmax;
 use crate::train::{
-    Batch, Hooks, Logits, Optimiser, Plain, Supervised, View, cosine_schedule, cross_entropy, fit,
-    iters_per_epoch, labels, rng_for, views,
+    Batch, Hooks, Logits, Optimiser, View, cross_entropy, fit, labels, rng_for, views,
 };
-
-pub use crate::train::LossKind as Stage1Loss;
 
 /// IEU in the registry.
 pub struct Ieu;
@@ -80,156 +81,6 @@ impl Defence for Ieu {
         device: &Device,
     ) -> Result<()> {
         run(p, inputs, out, device)
-    }
-}
-
-/// IEU settings of a spec (`defaults.ieu`, a variant's `ieu:`): the paper's Table 11
-/// defaults for CIFAR10/TinyImageNet, and its ablation knobs.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IeuSettings {
-    /// Confidence threshold of the gate (Eq. 1; Table 6).
-    pub c_thresh: f64,
-    /// Which images go to the unlearn set: `confidence` (the gate, Eq. 1),
-    /// `{lowest_loss: r_isol}` (Table 1) or `{oracle: ratio}` (hand-crafted, Table 2).
-    pub selection: Selection,
-    /// Number of checkpoint blocks in the poisoned module f_p (Table 7).
-    pub fp_depth: usize,
-    /// Eq. 1 logit masking; `false` is Table 4's ablation (ŷ = ŷ_r).
-    pub logit_masking: bool,
-    /// Unlearning rate: Eq. 3 (`dynamic`), `{constant: c}` (Table 9) or
-    /// `{moving_average: beta}` (the paper's proposed fix for weakness [b]).
-    pub unlearn_rate: UnlearnRate,
-    /// Standard deviation of Gaussian noise added to f_p's logits for the queueing
-    /// decision only (Table 14); 0 = off.
-    pub gate_noise_std: f64,
-    /// Stage-1 loss of f_p: `ce`, `{lga: gamma}` or `{flooding: gamma}` (Tables 15, 16).
-    pub stage1_loss: Stage1Loss,
-}
-
-impl Default for IeuSettings {
-    fn default() -> Self {
-        Self {
-            c_thresh: 0.95,
-            selection: Default::default(),
-            fp_depth: 1,
-            logit_masking: true,
-            unlearn_rate: Default::default(),
-            gate_noise_std: 0.0,
-            stage1_loss: Default::default(),
-        }
-    }
-}
-
-impl Settings for IeuSettings {
-    fn validate(&self) -> Result<(), String> {
-        if !(self.c_thresh > 0.0 && self.c_thresh < 1.0) {
-            return Err(format!("c_thresh: {} is not in (0, 1)", self.c_thresh));
-        }
-        if self.fp_depth == 0 {
-            return Err("fp_depth: must be at least 1".into());
-        }
-        if !(self.gate_noise_std >= 0.0 && self.gate_noise_std.is_finite()) {
-            return Err(format!(
-                "gate_noise_std: {} must be a non-negative number",
-                self.gate_noise_std
-            ));
-        }
-        self.selection
-            .validate()
-            .map_err(|e| format!("selection: {e}"))?;
-        self.unlearn_rate
-            .validate()
-            .map_err(|e| format!("unlearn_rate: {e}"))?;
-        self.stage1_loss
-            .validate()
-            .map_err(|e| format!("stage1_loss: {e}"))
-    }
-}
-
-impl IeuSettings {
-    /// The parameters of the stage-2 finetune step.
-    pub fn stage2(&self) -> IeuParams {
-        IeuParams {
-            c_thresh: self.c_thresh,
-            selection: self.selection.clone(),
-            logit_masking: self.logit_masking,
-            unlearn_rate: self.unlearn_rate.clone(),
-            gate_noise_std: self.gate_noise_std,
-        }
-    }
-}
-
-fn is_zero(v: &f64) -> bool {
-    *v == 0.0
-}
-
-/// Parameters of IEU's stage 2 (the `finetune` step with `defence: ieu`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct IeuParams {
-    pub c_thresh: f64,
-    /// The paper's confidence gate by default (left out of the key).
-    #[serde(default, skip_serializing_if = "Selection::is_confidence")]
-    pub selection: Selection,
-    pub logit_masking: bool,
-    /// Defaults are left out of the parameters, so default IEU keeps its keys.
-    #[serde(default, skip_serializing_if = "UnlearnRate::is_dynamic")]
-    pub unlearn_rate: UnlearnRate,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub gate_noise_std: f64,
-}
-
-/// How the unlearning rate lr_ul is derived from lr_tune.
-/// Written `dynamic`, `{constant: c}` or `{moving_average: beta}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", try_from = "RateRepr")]
-pub enum UnlearnRate {
-    /// Eq. 3 with the previous unlearned batch's loss.
-    #[default]
-    Dynamic,
-    /// lr_ul = c · lr_tune (Table 9).
-    Constant(f64),
-    /// Eq. 3 with an exponential moving average ℓ̄_k = β·ℓ̄_{k−1} + (1 − β)·ℓ_k of the
-    /// unlearning losses (the paper's proposed fix for weakness [b]).
-    MovingAverage(f64),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RateRepr {
-    Name(String),
-    Constant { constant: f64 },
-    MovingAverage { moving_average: f64 },
-}
-
-impl TryFrom<RateRepr> for UnlearnRate {
-    type Error = String;
-    fn try_from(r: RateRepr) -> Result<Self, String> {
-        match r {
-            RateRepr::Name(n) if n == "dynamic" => Ok(UnlearnRate::Dynamic),
-            RateRepr::Name(n) => Err(format!(
-                "unknown unlearning rate '{n}' (dynamic, {{constant: c}}, {{moving_average: beta}})"
-            )),
-            RateRepr::Constant { constant } => Ok(UnlearnRate::Constant(constant)),
-            RateRepr::MovingAverage { moving_average } => {
-                Ok(UnlearnRate::MovingAverage(moving_average))
-            }
-        }
-    }
-}
-
-impl UnlearnRate {
-    pub fn is_dynamic(&self) -> bool {
-        *self == UnlearnRate::Dynamic
-    }
-    pub fn validate(&self) -> Result<(), String> {
-        match self {
-            UnlearnRate::Dynamic => Ok(()),
-            UnlearnRate::Constant(c) if *c > 0.0 && c.is_finite() => Ok(()),
-            UnlearnRate::Constant(c) => Err(format!("constant {c} must be positive")),
-            UnlearnRate::MovingAverage(b) if (0.0..1.0).contains(b) => Ok(()),
-            UnlearnRate::MovingAverage(b) => Err(format!("moving_average {b} is not in [0, 1)")),
-        }
     }
 }
 
@@ -275,116 +126,6 @@ impl UnlearnSchedule {
         };
         self.k += 1;
     }
-}
-
-/// Stage-1 settings (paper Table 11: 10 epochs, lr 2·10⁻⁴, one warm-up epoch, no LGA).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Stage1Params {
-    pub depth: usize,
-    /// LGA / Flooding (Tables 15, 16); plain cross-entropy by default (left out of the key).
-    #[serde(default, skip_serializing_if = "Stage1Loss::is_ce")]
-    pub loss: Stage1Loss,
-    pub epochs: usize,
-    pub lr: f64,
-    pub warmup_epochs: usize,
-    pub batch_size: usize,
-    pub seed: u64,
-}
-
-/// Plans stage 1 (f_p) on an attack's poisoned data; `who` names the setting in errors.
-/// IEU's cells and CAT's attack (which tunes f_p as the defender would) both use it.
-pub fn plan_stage1(
-    plan: &mut crate::dag::Plan,
-    ds: &DatasetPlan,
-    ieu: &IeuSettings,
-    who: &str,
-    attack: &str,
-    poison_key: &str,
-) -> Result<String> {
-    if ieu.fp_depth > ds.start_depth {
-        bail!(
-            "{}: {who}: f_p depth {} exceeds the {}-block starting checkpoint",
-            ds.spec.origin,
-            ieu.fp_depth,
-            ds.start_depth
-        );
-    }
-    let mut label = format!("stage1 f_p {}/{attack}", ds.dataset);
-    if ieu.fp_depth != 1 {
-        label.push_str(&format!(" depth {}", ieu.fp_depth));
-    }
-    if !ieu.stage1_loss.is_ce() {
-        label.push_str(&format!(" {:?}", ieu.stage1_loss).to_lowercase());
-    }
-    let s = &ds.scale.stage1;
-    let sp = Stage1Params {
-        depth: ieu.fp_depth,
-        loss: ieu.stage1_loss.clone(),
-        epochs: s.epochs,
-        lr: s.lr,
-        warmup_epochs: s.warmup_epochs,
-        batch_size: ds.scale.batch_size,
-        seed: ds.spec.spec.defaults.seed,
-    };
-    Ok(plan.add(crate::dag::Step::new(
-        crate::dag::Kind::Stage1,
-        label,
-        &sp,
-        crate::spec::plan::inputs(&[("poison", poison_key), ("pretrain", ds.pretrain_key)]),
-    )?))
-}
-
-/// Stage 1: tunes f_p and writes it as `model.safetensors` + `config.json`, with f_p's
-/// confidence on every finetuning image (`confidences.json`).
-pub fn run_stage1_step(
-    p: &Stage1Params,
-    dataset: &Path,
-    poison: &Path,
-    pretrain: &Path,
-    out: &Path,
-    device: &Device,
-) -> Result<()> {
-    let meta = crate::data::load_meta(dataset)?;
-    let tune = ImageSet::load(&poison.join("tune.safetensors"))?;
-    let ad = device.clone().autodiff();
-    let (pre, pre_cfg) = crate::models::load_vit(pretrain, &ad)?;
-    if p.depth > pre_cfg.depth {
-        bail!(
-            "f_p depth {} exceeds the checkpoint's {} blocks",
-            p.depth,
-            pre_cfg.depth
-        );
-    }
-    let fp = pre.truncated(p.depth, meta.num_classes(), p.seed ^ 0xF0, &ad);
-    let cfg = crate::models::VitConfig {
-        depth: p.depth,
-        num_classes: meta.num_classes(),
-        ..pre_cfg
-    };
-    let iters = iters_per_epoch(tune.len(), p.batch_size);
-    // min_θp E[ℓ(f_p(x_noAug; θ_p), y)]: unaugmented, a linear warm-up from 0 then a
-    // constant rate (reference: base == final lr), no weight decay.
-    let lr = cosine_schedule(p.lr, p.lr, p.epochs, iters, p.warmup_epochs, 0.0);
-    let sup = Supervised {
-        label: "stage1 f_p",
-        epochs: p.epochs,
-        batch_size: p.batch_size,
-        views: &[View::NoAug],
-        wd: vec![0.0; lr.len()],
-        lr,
-        seed: p.seed,
-        keep_last: false,
-    };
-    let (fp, log) = fit(fp, &tune, &meta, &sup, &mut Plain(p.loss.clone()), &ad)?;
-    let fp = fp.valid();
-    crate::models::save_vit(&fp, &cfg, out)?;
-    let info = serde_json::json!({ "loss_per_epoch": log });
-    crate::store::write_json(&out.join("train_log.json"), &info)?;
-    // max σ(f_p(x)) of every finetuning image, as stage 2's gate computes it (the same
-    // function, batch size and saved weights): the paper's Figures 2, 3 and 6.
-    let poisoned = crate::attacks::load_poison_indices(poison)?;
-    let logits = crate::train::logits(&fp, &tune, &meta, GATE_BATCH, device);
-    crate::store::write_json(&out.join(CONFIDENCES), &Confidences::of(&logits, &poisoned))
 }
 
 /// Eq. 3's factor on lr_tune: 1 for the first unlearned batch of an epoch (k = 0), else

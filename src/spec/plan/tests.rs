@@ -1,0 +1,259 @@
+use super::*;
+use crate::dag::exec::Executor;
+use crate::models::{Vit, VitConfig};
+
+const SPEC: &str = "name: t\ntitle: T\ndefaults: { pretrained: ckpt.safetensors }\n\
+    grid: { dataset: [synthetic], attack: [badnets-white], defence: [none, ieu] }\n\
+    report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n";
+
+fn write_checkpoint(path: &Path, seed: u64) {
+    // The smoke scale's width and heads, fewer blocks and a smaller image (8² → 16²).
+    let cfg = VitConfig {
+        image_size: 8,
+        patch_size: 4,
+        dim: 32,
+        depth: 2,
+        heads: 2,
+        mlp_ratio: 2,
+        num_classes: 1000,
+    };
+    let vit = Vit::new(&cfg, seed, &burn::prelude::Device::flex());
+    crate::models::timm::export(&vit, &cfg, path).unwrap();
+}
+
+/// The default spec's steps at the smoke scale (structural keys: parameters and DAG
+/// shape, not code), pinned so a refactor cannot silently change what is computed.
+#[test]
+fn the_default_spec_keeps_its_step_keys() {
+    let spec = LoadedSpec::from_str(
+        crate::spec::DEFAULT_SPEC,
+        "default.yaml",
+        tempfile::tempdir().unwrap().path().to_path_buf(),
+    )
+    .unwrap();
+    let scale = spec.scale("smoke").unwrap();
+    let p = plan(&spec, &scale, None).unwrap();
+    let structural = p.structural_keys();
+    let keys: Vec<(String, String)> = p
+        .steps
+        .iter()
+        .map(|s| (s.label.clone(), structural[&s.key][..12].to_string()))
+        .collect();
+    let want = [
+        ("dataset synthetic", "04c53cb4600e"),
+        ("pretrain synthetic", "69a01bbd9f1c"),
+        ("poison synthetic/badnets-white", "f8399b4b2c5a"),
+        ("finetune synthetic/badnets-white/none", "5bbf4eed3e08"),
+        ("evaluate synthetic/badnets-white/none", "b80aeb4078b3"),
+        ("stage1 f_p synthetic/badnets-white", "7579023c3ef6"),
+        ("finetune synthetic/badnets-white/ieu", "98614effe615"),
+        ("evaluate synthetic/badnets-white/ieu", "978860f907a9"),
+        ("poison synthetic/blended", "7ce97a0e5183"),
+        ("finetune synthetic/blended/none", "2be171104744"),
+        ("evaluate synthetic/blended/none", "7f2c72312c2b"),
+        ("stage1 f_p synthetic/blended", "62957caf553b"),
+        ("finetune synthetic/blended/ieu", "2ba1141bb584"),
+        ("evaluate synthetic/blended/ieu", "b9c78b5f0c1e"),
+    ];
+    for (label, key) in want {
+        assert!(
+            keys.contains(&(label.to_string(), key.to_string())),
+            "{label} {key} not in {keys:?}"
+        );
+    }
+    assert_eq!(keys.len(), want.len());
+}
+
+#[test]
+fn attack_variants_carry_their_own_attack_settings() {
+    let text = r#"
+name: t
+title: T
+defaults: { attacks: { l2-inv: { l2_norm: 2.5 } } }
+attack_variants:
+  l2-iid: { base: l2-inv, attacks: { l2-inv: { recipe: iid } } }
+  l2-same: { base: l2-inv, attacks: { l2-inv: { l2_norm: 2.5 } } }
+grid: { dataset: [synthetic], attack: [l2-inv, l2-iid, l2-same], defence: [none] }
+report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = LoadedSpec::from_str(text, "t.yaml", dir.path().to_path_buf()).unwrap();
+    let a = spec.spec.attacks_of("l2-iid").unwrap();
+    assert_eq!(a.l2_inv.recipe, crate::attacks::invisible_l2::Recipe::Iid);
+    assert_eq!(a.l2_inv.l2_norm, 2.5, "other fields keep the defaults");
+    let scale = spec.scale("smoke").unwrap();
+    let p = plan(&spec, &scale, None).unwrap();
+    let key = |label: &str| {
+        p.steps
+            .iter()
+            .find(|s| s.label == label)
+            .map(|s| s.key.clone())
+            .unwrap()
+    };
+    assert_ne!(
+        key("poison synthetic/l2-inv"),
+        key("poison synthetic/l2-iid")
+    );
+    // A variant that repeats the defaults is the same computation: its steps are the
+    // default entry's (same keys), planned once.
+    assert!(p.steps.iter().all(|s| !s.label.contains("l2-same")));
+    assert_eq!(
+        p.steps
+            .iter()
+            .filter(|s| s.label.starts_with("poison"))
+            .count(),
+        2
+    );
+    for (bad, want) in [
+        (
+            "{ l2-inv: { recipe: blue } }",
+            "attack_variants.l2-iid.attacks",
+        ),
+        (
+            "{ l2-inf: { recipe: iid } }",
+            "unknown attack section 'l2-inf'",
+        ),
+        (
+            "{ l2-inv: { l2_norm: -1.0 } }",
+            "attack_variants.l2-iid.attacks.l2-inv.l2_norm",
+        ),
+    ] {
+        let t = text.replace("{ l2-inv: { recipe: iid } }", bad);
+        let e = LoadedSpec::from_str(&t, "t.yaml", dir.path().to_path_buf())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.yaml") && e.contains(want), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn other_architectures_get_their_own_pretrain_and_f_p_stays_the_vit() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/table8.yaml"),
+    )
+    .unwrap()
+    .replace("dataset: [cifar10]", "dataset: [synthetic]");
+    let spec = LoadedSpec::from_str(
+        &text,
+        "table8.yaml",
+        tempfile::tempdir().unwrap().path().to_path_buf(),
+    )
+    .unwrap();
+    let scale = spec.scale("smoke").unwrap();
+    let p = plan(&spec, &scale, None).unwrap();
+    let by_label = |l: &str| {
+        p.steps
+            .iter()
+            .find(|s| s.label == l)
+            .unwrap_or_else(|| panic!("no step {l}"))
+    };
+    let vit_pre = by_label("pretrain synthetic").key.clone();
+    let res_pre = by_label("pretrain synthetic resnet18");
+    assert_eq!(res_pre.params["arch"], "resnet18");
+    assert!(by_label("pretrain synthetic").params.get("arch").is_none());
+    let pretrains = p.steps.iter().filter(|s| s.kind == Kind::Pretrain).count();
+    assert_eq!(pretrains, 7);
+    let ieu = by_label("finetune synthetic/batt/ieu-resnet18");
+    assert_eq!(ieu.inputs["pretrain"], res_pre.key);
+    let fp = &ieu.inputs["stage1"];
+    let stage1 = p.steps.iter().find(|s| &s.key == fp).unwrap();
+    assert_eq!(stage1.inputs["pretrain"], vit_pre);
+    // Every IEU variant shares the ViT f_p of its attack.
+    assert_eq!(
+        by_label("finetune synthetic/batt/ieu").inputs["stage1"],
+        *fp
+    );
+    let none = by_label("finetune synthetic/batt/none-vgg11");
+    assert_ne!(none.inputs["pretrain"], vit_pre);
+    assert_eq!(p.cells.len(), 5 * 14);
+}
+
+#[test]
+fn architecture_names_and_their_defences_are_checked() {
+    let base = "name: t\ntitle: T\ngrid: { dataset: [synthetic], attack: [badnets-white], defence: [DEF] }\n\
+        report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n";
+    let load = |extra: &str, def: &str| {
+        LoadedSpec::from_str(
+            &format!("{extra}{}", base.replace("DEF", def)),
+            "t.yaml",
+            std::env::temp_dir(),
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let e = load(
+        "variants: { ieu-x: { base: ieu, model: wrn50 } }\n",
+        "ieu-x",
+    );
+    assert!(
+        e.contains("t.yaml") && e.contains("variants.ieu-x.model") && e.contains("resnet18"),
+        "{e}"
+    );
+    let e = load(
+        "variants: { abl-x: { base: abl, model: vgg11 } }\n",
+        "abl-x",
+    );
+    assert!(e.contains("variants.abl-x.model"), "{e}");
+    let e = load("defaults: { model: resnet }\n", "none");
+    assert!(e.contains("defaults.model"), "{e}");
+    let e = load("defaults: { model: resnet18 }\n", "abl");
+    assert!(e.contains("defaults.model") && e.contains("abl"), "{e}");
+    let e = load("variants: { none-x: { base: none } }\n", "none-x");
+    assert!(e.contains("variants.none-x.base"), "{e}");
+}
+
+#[test]
+fn pretrained_checkpoint_replaces_pretrain_with_an_import_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt.safetensors");
+    write_checkpoint(&ckpt, 1);
+    let spec = LoadedSpec::from_str(SPEC, "t.yaml", dir.path().to_path_buf()).unwrap();
+    let scale = spec.scale("smoke").unwrap();
+    let p = plan(&spec, &scale, None).unwrap();
+    let kinds: Vec<Kind> = p.steps.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == Kind::Import).count(), 1);
+    assert!(!kinds.contains(&Kind::Pretrain), "{kinds:?}");
+    let import = p.steps.iter().find(|s| s.kind == Kind::Import).unwrap();
+    assert_eq!(import.label, "import ckpt.safetensors");
+    let ip: ImportParams = import.params().unwrap();
+    assert_eq!((ip.model.depth, ip.model.heads, ip.image_size), (2, 2, 16));
+
+    // Downstream steps (stage-1 truncation, finetuning with a new head) run unchanged.
+    let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
+    let summary = Executor::new(store.clone(), None, 1).run(&p).unwrap();
+    assert_eq!(summary.ran, p.steps.len());
+    // Nothing is pretrained here: every training image is in D_tune.
+    let ds = p.steps.iter().find(|s| s.kind == Kind::Dataset).unwrap();
+    let meta = crate::data::load_meta(&store.object_dir(&ds.key)).unwrap();
+    assert_eq!(
+        (meta.pretrain, meta.tune),
+        (0, scale.data.pretrain + scale.data.tune)
+    );
+    assert!(
+        store
+            .object_dir(&import.key)
+            .join("model.safetensors")
+            .is_file()
+    );
+
+    // A different file is a different key; a missing file names the field.
+    write_checkpoint(&ckpt, 2);
+    let again = plan(&spec, &scale, None).unwrap();
+    assert!(!again.steps.iter().any(|s| s.key == import.key));
+    std::fs::remove_file(&ckpt).unwrap();
+    let e = plan(&spec, &scale, None).unwrap_err().to_string();
+    assert!(
+        e.contains("defaults.pretrained") && e.contains("does not exist"),
+        "{e}"
+    );
+    // f_p deeper than the imported checkpoint is caught when planning.
+    write_checkpoint(&ckpt, 1);
+    let deep = SPEC.replace(
+        "pretrained: ckpt.safetensors",
+        "pretrained: ckpt.safetensors, ieu: { fp_depth: 3 }",
+    );
+    let spec = LoadedSpec::from_str(&deep, "t.yaml", dir.path().to_path_buf()).unwrap();
+    let e = plan(&spec, &scale, None).unwrap_err().to_string();
+    assert!(e.contains("f_p depth 3 exceeds the 2-block"), "{e}");
+}
