@@ -23,6 +23,13 @@ fn stdout(c: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The stderr of a command that must fail.
+fn stderr_of(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    assert!(!out.status.success(), "succeeded unexpectedly");
+    String::from_utf8(out.stderr).unwrap()
+}
+
 fn shared_data() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     p.join("cifar-10-batches-bin/data_batch_1.bin")
@@ -392,6 +399,58 @@ fn synthetic_copy(table: &str, dir: &Path) -> PathBuf {
     let spec = dir.join(format!("{table}.yaml"));
     std::fs::write(&spec, text).unwrap();
     spec
+}
+
+/// A defence added through the registry alone (Fine-Pruning, `src/defences/fine_pruning.rs`)
+/// plans from its spec section, shares the backdoored model, runs and is reported.
+#[test]
+fn a_registered_defence_runs_through_run_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("st");
+    let spec = synthetic_copy("fine-pruning", dir.path());
+    let args = |cmd: &str| {
+        let mut c = bin();
+        c.arg(cmd)
+            .arg(&spec)
+            .args([
+                "--scale",
+                "smoke",
+                "--only",
+                "attack=badnets-white",
+                "--store",
+            ])
+            .arg(&store);
+        c
+    };
+    // dataset, pretrain, poison; none (finetune, evaluate); two Fine-Pruning entries on
+    // the none model (finetune, evaluate each); IEU (stage1, finetune, evaluate).
+    let plan = stdout(args("run").arg("--dry-run"));
+    assert!(
+        plan.contains("plan: 12 steps, 0 cached, 12 to run"),
+        "{plan}"
+    );
+    stdout(&mut args("run"));
+    let csv = stdout(args("report").args(["--format", "csv"]));
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "ca_unseen").unwrap();
+    for defence in ["fine-pruning", "fine-pruning-20"] {
+        let row = csv
+            .lines()
+            .find(|l| l.starts_with(&format!("synthetic,badnets-white,{defence},")))
+            .unwrap_or_else(|| panic!("{defence} missing:\n{csv}"));
+        // It finetuned on clean test images: CA is also given without them.
+        assert!(!row.split(',').nth(col).unwrap().is_empty(), "{csv}");
+    }
+    // Its settings are checked by the defence, naming the field.
+    let bad = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("prune_step: 0.05", "prune_step: 1.5");
+    std::fs::write(&spec, bad).unwrap();
+    let err = stderr_of(args("run").arg("--dry-run"));
+    assert!(
+        err.contains("defaults.fine-pruning.prune_step") && err.contains("1.5"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -6,10 +6,15 @@
 //!    keeps the loss of easily learned (triggered) images low. The r_isol fraction of the
 //!    finetuning images with the lowest cross-entropy under that model is isolated
 //!    (r_isol = 0.01 in the paper).
-//! 2. **Unlearning** ([`run`], the `finetune` step of ABL): the isolation model
-//!    unlearns the isolated set by gradient ascent on ℓ(f_r(x), y) with Adam at a constant
-//!    unlearning rate (paper: 5·10⁻⁷ CIFAR10, 1·10⁻⁶ GTSRB, 2·10⁻⁷ TinyImageNet, Table 12)
-//!    for `unlearn_epochs` epochs (ABL's default 5).
+//! 2. **Finetuning, then unlearning** ([`run`], the `finetune` step of ABL), as upstream
+//!    ABL's `backdoor_unlearning.py` does: the isolation model is first finetuned with plain
+//!    cross-entropy on the *other* finetuning images (all but the isolated ones) with the
+//!    finetuning recipe (cosine learning rate, decoupled weight decay, the scale's views)
+//!    for `finetune_epochs` epochs (the scale's finetuning epochs by default; upstream 60 on
+//!    CIFAR-10 from scratch), then it unlearns the isolated set by gradient ascent on
+//!    ℓ(f_r(x), y) with Adam at a constant unlearning rate (paper: 5·10⁻⁷ CIFAR10, 1·10⁻⁶
+//!    GTSRB, 2·10⁻⁷ TinyImageNet, Table 12) for `unlearn_epochs` epochs (ABL's default 5).
+//!    `finetune_epochs: 0` unlearns straight after isolation.
 //!
 //! The isolation quality (FPR/FNR of the isolated set against the true poison indices) is
 //! recorded with the model, as Table 1 reports it.
@@ -65,6 +70,7 @@ impl Defence for Abl {
             .unlearn_lr
             .unwrap_or_else(|| cell.per_dataset(&cell.ds.scale.baselines.abl_unlearn_lr));
         let params = AblParams {
+            finetune_epochs: abl.finetune_epochs.unwrap_or(cell.ds.scale.finetune.epochs),
             unlearn_lr,
             unlearn_epochs: abl.unlearn_epochs,
         };
@@ -93,6 +99,9 @@ pub struct AblSettings {
     /// Loss of the isolation finetune: `{lga: gamma}` (ABL's default, γ = 0.5) or
     /// `{flooding: gamma}`.
     pub isolation_loss: LossKind,
+    /// Epochs of finetuning on the non-isolated images before unlearning; `null` takes
+    /// the scale's `finetune.epochs`, 0 skips the phase.
+    pub finetune_epochs: Option<usize>,
     /// Unlearning learning rate; `null` takes the scale's `baselines.abl_unlearn_lr`.
     pub unlearn_lr: Option<f64>,
     /// Epochs of gradient ascent over the isolated set.
@@ -104,6 +113,7 @@ impl Default for AblSettings {
         Self {
             r_isol: 0.01,
             isolation_loss: LossKind::Lga(0.5),
+            finetune_epochs: None,
             unlearn_lr: None,
             unlearn_epochs: 5,
         }
@@ -136,6 +146,7 @@ impl Settings for AblSettings {
 /// Parameters of ABL's `finetune` step (the unlearning phase).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AblParams {
+    pub finetune_epochs: usize,
     pub unlearn_lr: f64,
     pub unlearn_epochs: usize,
 }
@@ -226,11 +237,11 @@ impl<M: Classifier> Hooks<M> for Ascent {
     }
 }
 
-/// The `finetune` step with `defence: abl`: ABL's unlearning phase on the isolation
-/// step's model — gradient ascent on the isolated set with Adam at a constant learning
-/// rate, every isolated image every epoch (the last batch kept even when partial). Writes
-/// the model and `train_stats.json` (with the isolation's `gate` statistics, so reports
-/// show its FPR/FNR).
+/// The `finetune` step with `defence: abl`: on the isolation step's model, finetuning on
+/// the non-isolated images, then gradient ascent on the isolated set with Adam at a
+/// constant learning rate, every isolated image every epoch (the last batch kept even
+/// when partial). Writes the model and `train_stats.json` (with the isolation's `gate`
+/// statistics, so reports show its FPR/FNR).
 pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Device) -> Result<()> {
     let params: AblParams = p.defence.fields()?;
     let isolate = inputs.input("isolate")?;
@@ -240,6 +251,30 @@ pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Dev
         serde_json::from_str(&std::fs::read_to_string(isolate.join("isolation.json"))?)?;
     let ad = device.clone().autodiff();
     let (model, cfg) = crate::models::load_vit(isolate, &ad)?;
+
+    // Finetuning on the other images: the finetuning recipe over `finetune_epochs`.
+    let mut is_isolated = vec![false; tune.len()];
+    for &i in &iso.isolated {
+        is_isolated[i] = true;
+    }
+    let others: Vec<usize> = (0..tune.len()).filter(|&i| !is_isolated[i]).collect();
+    let others = tune.subset(&others);
+    let (model, finetune_log) = if params.finetune_epochs > 0 {
+        let schedule = crate::spec::FinetuneSchedule {
+            epochs: params.finetune_epochs,
+            warmup_epochs: p.schedule.warmup_epochs.min(params.finetune_epochs),
+            ..p.schedule.clone()
+        };
+        let recipe = FinetuneParams {
+            schedule,
+            ..p.clone()
+        };
+        let sup = recipe.supervised("abl finetuning", others.len());
+        crate::train::train_supervised(model, &others, &meta, &sup, LossKind::Ce, &ad)?
+    } else {
+        (model, Vec::new())
+    };
+
     let isolated = tune.subset(&iso.isolated);
     let iters = isolated.len().div_ceil(p.batch_size).max(1);
     let steps = params.unlearn_epochs * iters;
@@ -261,6 +296,7 @@ pub fn run(p: &FinetuneParams, inputs: &FinetuneInputs, out: &Path, device: &Dev
     let stats = serde_json::json!({
         "gate": iso.gate,
         "isolated": iso.isolated.len(),
+        "finetune_loss_per_epoch": finetune_log,
         "unlearn_lr": params.unlearn_lr,
         "unlearn_losses": ascent.losses,
     });

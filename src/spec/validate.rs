@@ -187,6 +187,9 @@ pub(super) fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             bail!("{file}: field `datasets.{name}.path`: empty path");
         }
     }
+    for def in crate::defences::REGISTRY {
+        check_settings(spec, file, def.name(), &format!("defaults.{}", def.name()))?;
+    }
     for (name, v) in &spec.variants {
         if crate::defences::registered(name).is_some() {
             bail!(
@@ -239,9 +242,6 @@ pub(super) fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             );
         }
         check_settings(spec, file, name, &format!("variants.{name}.{}", v.base))?;
-    }
-    for def in crate::defences::REGISTRY {
-        check_settings(spec, file, def.name(), &format!("defaults.{}", def.name()))?;
     }
     if d.model != "vit" {
         for v in &spec.grid.defence {
