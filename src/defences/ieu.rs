@@ -412,6 +412,124 @@ impl<M: Classifier> Hooks<M> for Algorithm1<'_> {
 mod tests {
     use super::*;
 
+    /// Algorithm 1's loop on a tiny set with a known unlearn set: the queue starts empty
+    /// every epoch, a batch is unlearned as soon as the queue holds one (at most one per
+    /// learning step), and Eq. 3's k restarts at 0 (factor 1) at every epoch start.
+    #[test]
+    fn stage2_queues_per_epoch_unlearns_when_full_and_resets_k() {
+        use crate::data::DatasetMeta;
+        use crate::models::{Vit, VitConfig};
+        let device = Device::flex();
+        let ad = device.clone().autodiff();
+        let raw = crate::data::synthetic::generate(2, 42, 0, 8);
+        let meta = DatasetMeta {
+            name: "synthetic".into(),
+            classes: raw.classes.clone(),
+            image_size: 8,
+            mean: raw.mean,
+            std: raw.std,
+            pretrain: 0,
+            tune: 42,
+            test: 0,
+        };
+        let n = raw.train.len();
+        let nc = meta.num_classes();
+        let flagged: Vec<bool> = (0..n).map(|i| i % 3 == 0).collect();
+        let poison: Vec<usize> = (0..n).filter(|i| i % 6 == 0).collect();
+        let params = IeuParams {
+            c_thresh: 0.95,
+            selection: Selection::Confidence,
+            logit_masking: true,
+            unlearn_rate: UnlearnRate::Dynamic,
+            gate_noise_std: 0.0,
+        };
+        let p = FinetuneParams {
+            defence: DefenceParams::new("ieu", &params).unwrap(),
+            schedule: crate::spec::FinetuneSchedule {
+                epochs: 3,
+                lr: 1e-3,
+                min_lr: 1e-4,
+                warmup_epochs: 0,
+                wd_start: 0.04,
+                wd_end: 0.1,
+            },
+            batch_size: 4,
+            views: crate::spec::Views::Plain,
+            seed: 5,
+        };
+        let fp_logits = Logits {
+            values: vec![0.0; n * nc],
+            classes: nc,
+        };
+        let cfg = VitConfig {
+            image_size: 8,
+            patch_size: 4,
+            dim: 8,
+            depth: 1,
+            heads: 2,
+            mlp_ratio: 2,
+            num_classes: nc,
+        };
+        let mut alg = Algorithm1::new(
+            &params,
+            &p,
+            &raw.train,
+            &meta,
+            fp_logits,
+            flagged.clone(),
+            &poison,
+            &ad,
+        );
+        let sup = p.supervised("test", n);
+        fit(
+            Vit::new(&cfg, 1, &ad),
+            &raw.train,
+            &meta,
+            &sup,
+            &mut alg,
+            &ad,
+        )
+        .unwrap();
+        let trace = &alg.stats.unlearn_trace;
+
+        // Replay the queue: per epoch from empty, one unlearn whenever it holds a batch.
+        let mut want = Vec::new();
+        let mut iter = 0;
+        for epoch in 0..3 {
+            let mut queued = 0;
+            for batch in sup.batches(n, epoch) {
+                queued += batch.iter().filter(|&&i| flagged[i]).count();
+                if queued >= p.batch_size {
+                    queued -= p.batch_size;
+                    want.push((epoch, iter));
+                }
+                iter += 1;
+            }
+        }
+        let got: Vec<(usize, usize)> = trace.iter().map(|r| (r.epoch, r.iter)).collect();
+        assert_eq!(got, want);
+        assert!(
+            want.len() >= 6,
+            "too few unlearning steps to test: {want:?}"
+        );
+        assert_eq!(alg.stats.unlearn_steps, want.len());
+        for (j, r) in trace.iter().enumerate() {
+            let first = j == 0 || trace[j - 1].epoch != r.epoch;
+            if first {
+                // k = 0 at the epoch's first unlearned batch: lr_ul = lr_tune.
+                assert_eq!((r.k, r.factor, r.prev_loss), (0, 1.0, None), "{r:?}");
+            } else {
+                let prev = &trace[j - 1];
+                assert_eq!(r.k, prev.k + 1);
+                assert_eq!(r.prev_loss, Some(prev.loss));
+                let f = dynamic_unlearn_scale(r.k, prev.loss, nc);
+                assert!((r.factor - f).abs() < 1e-12, "{r:?}");
+            }
+            assert!((r.lr_ul - r.factor * r.lr_tune).abs() < 1e-15);
+            assert!((0.0..=1.0).contains(&r.poisoned_fraction));
+        }
+    }
+
     #[test]
     fn eq3_hand_computed_values() {
         // k = 0: lr_ul = lr_tune.
