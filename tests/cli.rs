@@ -81,6 +81,26 @@ fn smoke_run_then_fully_cached_rerun() {
             );
         }
     }
+    // The smoke scale learns: CA well above chance (10 classes), the backdoor learned
+    // without defence, and IEU unlearns and lowers ASR. (Blended is the attack the smoke
+    // scale's f_p learns: BadNets-white's 3-pixel square is learned weakly at this size.)
+    let cell = |attack: &str, defence: &str| -> Vec<f64> {
+        let row = rows
+            .iter()
+            .find(|r| r.starts_with(&format!("synthetic,{attack},{defence},")))
+            .unwrap();
+        row.split(',')
+            .skip(3)
+            .take(7)
+            .map(|v| v.parse().unwrap_or(f64::NAN))
+            .collect()
+    };
+    let (none, ieu) = (cell("blended", "none"), cell("blended", "ieu"));
+    let (asr, ca, unlearn_steps) = (0, 1, 6);
+    assert!(none[ca] > 25.0, "CA near chance: {csv}");
+    assert!(none[asr] > 40.0, "no backdoor learned: {csv}");
+    assert!(ieu[unlearn_steps] > 0.0, "IEU unlearned nothing: {csv}");
+    assert!(ieu[asr] < none[asr] - 10.0, "IEU did not lower ASR: {csv}");
 
     // Everything cached: nothing trains, the dry run says so.
     let again = stdout(bin().args(["run", "--scale", "smoke", "--store", s]));

@@ -348,13 +348,26 @@ mod end_to_end {
 
     /// `ieu-bench run experiments/table3.yaml --scale smoke --data-dir DIR --only
     /// dataset=gtsrb ...` on an official-layout fixture: the dataset step subsamples the
-    /// smoke sizes (320 / 320 / 160) and the rest of the DAG runs on it.
+    /// sizes of a smoke scale beside the spec copy (320 / 320 / 160) and the rest of the
+    /// DAG runs on it.
     #[test]
     fn smoke_run_on_a_fixture_gtsrb_via_data_dir() {
         let data = tempfile::tempdir().unwrap();
         super::tests::write_tree(data.path(), 16, 4); // 688 train, 172 test
         let store = tempfile::tempdir().unwrap();
-        let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/table3.yaml");
+        let specs = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/table3.yaml"),
+            specs.path().join("table3.yaml"),
+        )
+        .unwrap();
+        let scales = crate::spec::DEFAULT_SCALES.replace(
+            "data: { pretrain: 1280, tune: 1280, test: 320 }",
+            "data: { pretrain: 320, tune: 320, test: 160 }",
+        );
+        std::fs::write(specs.path().join("scales.yaml"), scales).unwrap();
+        let spec_path = specs.path().join("table3.yaml");
+        let spec = spec_path.to_str().unwrap();
         let args = |extra: &[&str]| {
             let mut a = vec![
                 "ieu-bench",
@@ -400,10 +413,10 @@ mod end_to_end {
             .unwrap();
         let meta = crate::data::load_meta(&st.object_dir(&ds.key)).unwrap();
         assert_eq!((meta.pretrain, meta.tune, meta.test), (320, 320, 160));
-        assert_eq!((meta.classes.len(), meta.image_size), (43, 16));
+        assert_eq!((meta.classes.len(), meta.image_size), (43, 32));
         let tune =
             crate::data::ImageSet::load(&st.object_dir(&ds.key).join("tune.safetensors")).unwrap();
-        assert_eq!(tune.size, 16);
+        assert_eq!(tune.size, 32);
         assert!(tune.labels.iter().all(|&l| l < 43));
 
         // Changing one image changes the dataset key.

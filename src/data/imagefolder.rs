@@ -176,7 +176,7 @@ pub mod tests {
         write_tree(&dir.path().join("data/mine"), 4, 2);
         // A scales.yaml beside the spec with smoke sizes this small set can serve.
         let scales = crate::spec::DEFAULT_SCALES.replace(
-            "data: { pretrain: 320, tune: 320, test: 160 }",
+            "data: { pretrain: 1280, tune: 1280, test: 320 }",
             "data: { pretrain: 6, tune: 6, test: 6 }",
         );
         std::fs::write(dir.path().join("scales.yaml"), scales).unwrap();
@@ -200,7 +200,7 @@ pub mod tests {
         let meta = crate::data::load_meta(&store.object_dir(&step.key)).unwrap();
         assert_eq!(meta.classes, ["cat", "dog", "emu"]);
         assert_eq!((meta.pretrain, meta.tune, meta.test), (6, 6, 6));
-        assert_eq!((meta.mean, meta.image_size), (MEAN, 16));
+        assert_eq!((meta.mean, meta.image_size), (MEAN, 32));
 
         let bad = text.replace("data/mine", "data/theirs");
         let spec =

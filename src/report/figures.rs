@@ -1,9 +1,13 @@
-//! The paper's confidence figures (Figures 2, 3 and 6): for each panel (a grid cell), the
-//! CDFs of f_p's maximum class probability max σ(f_p(x)) on the clean and on the poisoned
-//! finetuning images, a dotted vertical line at c_thresh and dotted horizontal lines at
-//! the share of each below it, read from the stage-1 step's `confidences.json`. Rendered
-//! with `plotters` as SVG and PNG (text in DejaVu Sans, embedded, so no system font is
-//! needed).
+//! Figures, rendered with `plotters` as SVG and PNG (text in DejaVu Sans, embedded, so no
+//! system font is needed):
+//! - the paper's confidence figures (Figures 2, 3 and 6): for each panel (a grid cell), the
+//!   CDFs of f_p's maximum class probability max σ(f_p(x)) on the clean and on the poisoned
+//!   finetuning images, a dotted vertical line at c_thresh and dotted horizontal lines at
+//!   the share of each below it, read from the stage-1 step's `confidences.json`;
+//! - Eq. 3 over stage 2 (`kind: unlearn_rate`, a figure the paper does not have): per
+//!   unlearned batch, the factor lr_ul / lr_tune, the unlearning loss ℓ_k and the batch's
+//!   poisoned share, read from the IEU finetune step's `unlearn_trace`, with the factor's
+//!   0.2 floor and the loss √2·ln(5.8·N_c) at which the factor reaches it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,8 +17,8 @@ use anyhow::{Result, anyhow, bail};
 use plotters::prelude::*;
 
 use crate::dag::Plan;
-use crate::defences::ieu::Confidences;
-use crate::spec::FigureSpec;
+use crate::defences::ieu::{Confidences, UnlearnRecord};
+use crate::spec::{FigureKind, FigureSpec};
 use crate::store::Store;
 
 /// One panel's data.
@@ -23,6 +27,9 @@ pub struct Panel {
     pub title: String,
     pub clean: Vec<f64>,
     pub poisoned: Vec<f64>,
+    /// `unlearn_rate` figures: the stage-2 trace, and the dataset's number of classes.
+    pub trace: Vec<UnlearnRecord>,
+    pub classes: usize,
 }
 
 /// Percent of `values` at or below `t`.
@@ -51,6 +58,14 @@ pub fn panels(fig: &FigureSpec, plan: &Plan, store: &Store) -> Result<Vec<Panel>
             );
             continue;
         };
+        let title = p
+            .title
+            .clone()
+            .unwrap_or_else(|| format!("{} / {}", p.dataset, p.attack));
+        if fig.kind == FigureKind::UnlearnRate {
+            out.push(trace_panel(fig, cell, &by_key, store, title)?);
+            continue;
+        }
         let stage1 = by_key
             .get(cell.evaluate.as_str())
             .and_then(|e| e.inputs.get("finetune"))
@@ -85,18 +100,189 @@ pub fn panels(fig: &FigureSpec, plan: &Plan, store: &Store) -> Result<Vec<Panel>
             }
         }
         out.push(Panel {
-            title: p
-                .title
-                .clone()
-                .unwrap_or_else(|| format!("{} / {}", p.dataset, p.attack)),
+            title,
             clean,
             poisoned,
+            trace: Vec::new(),
+            classes: 0,
         });
     }
     if out.is_empty() {
         bail!("figure {}: none of its panels is in the plan", fig.name);
     }
     Ok(out)
+}
+
+/// The stage-2 trace of a cell's IEU finetune step.
+fn trace_panel(
+    fig: &FigureSpec,
+    cell: &crate::dag::Cell,
+    by_key: &HashMap<&str, &crate::dag::Step>,
+    store: &Store,
+    title: String,
+) -> Result<Panel> {
+    let ft = by_key
+        .get(cell.evaluate.as_str())
+        .and_then(|e| e.inputs.get("finetune"))
+        .ok_or_else(|| anyhow!("figure {}: cell has no finetune step", fig.name))?;
+    if !store.contains(ft) {
+        bail!(
+            "figure {}: the finetune step of {}/{}/{} ({}) is not computed yet: run the spec first",
+            fig.name,
+            cell.dataset,
+            cell.attack,
+            cell.defence,
+            &ft[..12]
+        );
+    }
+    let dir = store.verified(ft)?;
+    #[derive(serde::Deserialize)]
+    struct Stats {
+        #[serde(default)]
+        unlearn_trace: Vec<UnlearnRecord>,
+    }
+    let stats: Stats =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train_stats.json"))?)?;
+    let classes = crate::models::net::load_net_config(&dir)?.vit.num_classes;
+    if stats.unlearn_trace.is_empty() {
+        bail!(
+            "figure {}: {}/{}/{} unlearned nothing (or is not an IEU cell)",
+            fig.name,
+            cell.dataset,
+            cell.attack,
+            cell.defence
+        );
+    }
+    Ok(Panel {
+        title,
+        clean: Vec::new(),
+        poisoned: Vec::new(),
+        trace: stats.unlearn_trace,
+        classes,
+    })
+}
+
+/// The loss ℓ at which Eq. 3's factor reaches its 0.2 floor: 6 − exp(ℓ/√2)/N_c = 0.2.
+pub fn floor_loss(classes: usize) -> f64 {
+    std::f64::consts::SQRT_2 * (5.8 * classes as f64).ln()
+}
+
+/// The trace of an `unlearn_rate` figure's panels as CSV (one row per unlearned batch).
+pub fn trace_csv(panels: &[Panel]) -> String {
+    let mut out = String::from(
+        "panel,step,epoch,iter,k,prev_loss,factor,lr_tune,lr_ul,loss,poisoned_fraction\n",
+    );
+    for p in panels {
+        for (i, r) in p.trace.iter().enumerate() {
+            out.push_str(&format!(
+                "{},{i},{},{},{},{},{},{},{},{},{}\n",
+                p.title.replace(',', ";"),
+                r.epoch,
+                r.iter,
+                r.k,
+                r.prev_loss.map(|v| v.to_string()).unwrap_or_default(),
+                r.factor,
+                r.lr_tune,
+                r.lr_ul,
+                r.loss,
+                r.poisoned_fraction
+            ));
+        }
+    }
+    out
+}
+
+fn draw_trace<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    p: &Panel,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the figure: {e:?}");
+    let n = p.trace.len();
+    let floor = floor_loss(p.classes);
+    let ymax = p
+        .trace
+        .iter()
+        .map(|r| r.loss)
+        .fold(floor, f64::max)
+        .max(6.0)
+        * 1.05;
+    let mut chart = ChartBuilder::on(area)
+        .caption(&p.title, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..n.max(1) as f64, 0f64..ymax)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("unlearned batch")
+        .y_desc("factor lr_ul / lr_tune; loss ℓ_k")
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 13))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(e)?;
+    let series = |f: fn(&UnlearnRecord) -> f64| -> Vec<(f64, f64)> {
+        p.trace
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i as f64, f(r)))
+            .collect()
+    };
+    let scaled_share = move |r: &UnlearnRecord| r.poisoned_fraction * 6.0;
+    for (label, pts, color) in [
+        ("factor (Eq. 3)", series(|r| r.factor), CLEAN),
+        ("unlearning loss ℓ_k", series(|r| r.loss), POISON),
+        (
+            "poisoned share of the batch (× 6)",
+            p.trace
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i as f64, scaled_share(r)))
+                .collect(),
+            RGBColor(44, 160, 44),
+        ),
+    ] {
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(e)?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+    }
+    for (y, text) in [
+        (0.2, "factor floor 0.2".to_string()),
+        (floor, format!("ℓ = √2·ln(5.8·{}) = {floor:.2}", p.classes)),
+    ] {
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(0.0, y), (n as f64, y)],
+                4,
+                4,
+                BLACK.stroke_width(1),
+            ))
+            .map_err(e)?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                text,
+                (n as f64 * 0.02, y + ymax * 0.015),
+                ("sans-serif", 11),
+            )))
+            .map_err(e)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 12))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()
+        .map_err(e)?;
+    Ok(())
 }
 
 fn register_fonts() {
@@ -147,6 +333,10 @@ where
         .map_err(e)?;
     let areas = root.split_evenly((1, panels.len().max(1)));
     for (area, p) in areas.iter().zip(panels) {
+        if !p.trace.is_empty() {
+            draw_trace(area, p)?;
+            continue;
+        }
         let mut chart = ChartBuilder::on(area)
             .caption(&p.title, ("sans-serif", 16))
             .margin(12)
@@ -254,5 +444,11 @@ pub fn write(fig: &FigureSpec, panels: &[Panel], dir: &Path) -> Result<String> {
     let s = svg(fig, panels)?;
     crate::store::write_atomic(&dir.join(format!("{}.svg", fig.name)), s.as_bytes())?;
     crate::store::write_atomic(&dir.join(format!("{}.png", fig.name)), &png(fig, panels)?)?;
+    if fig.kind == FigureKind::UnlearnRate {
+        crate::store::write_atomic(
+            &dir.join(format!("{}.csv", fig.name)),
+            trace_csv(panels).as_bytes(),
+        )?;
+    }
     Ok(s)
 }

@@ -77,10 +77,24 @@ pub struct FigureSpec {
     /// File stem of the figure (`figure6` → figure6.png, figure6.svg).
     pub name: String,
     pub title: String,
+    /// `confidence` (default): the CDFs of f_p's confidence from the stage-1 step;
+    /// `unlearn_rate`: Eq. 3 over stage 2 from the IEU finetune step's `unlearn_trace`
+    /// (the factor, the unlearning loss ℓ_k and the poisoned share of each unlearned
+    /// batch; also written as `<name>.csv`).
+    #[serde(default)]
+    pub kind: FigureKind,
     /// Where the dotted line is drawn (the gate's threshold).
     #[serde(default = "default_c_thresh")]
     pub c_thresh: f64,
     pub panels: Vec<PanelSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FigureKind {
+    #[default]
+    Confidence,
+    UnlearnRate,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -7,7 +7,7 @@ const SPEC: &str = "name: t\ntitle: T\ndefaults: { pretrained: ckpt.safetensors 
     report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n";
 
 fn write_checkpoint(path: &Path, seed: u64) {
-    // The smoke scale's width and heads, fewer blocks and a smaller image (8² → 16²).
+    // The smoke scale's width and heads, fewer blocks and a smaller image (8² → 32²).
     let cfg = VitConfig {
         image_size: 8,
         patch_size: 4,
@@ -40,20 +40,20 @@ fn the_default_spec_keeps_its_step_keys() {
         .map(|s| (s.label.clone(), structural[&s.key][..12].to_string()))
         .collect();
     let want = [
-        ("dataset synthetic", "04c53cb4600e"),
-        ("pretrain synthetic", "69a01bbd9f1c"),
-        ("poison synthetic/badnets-white", "f8399b4b2c5a"),
-        ("finetune synthetic/badnets-white/none", "5bbf4eed3e08"),
-        ("evaluate synthetic/badnets-white/none", "b80aeb4078b3"),
-        ("stage1 f_p synthetic/badnets-white", "7579023c3ef6"),
-        ("finetune synthetic/badnets-white/ieu", "98614effe615"),
-        ("evaluate synthetic/badnets-white/ieu", "978860f907a9"),
-        ("poison synthetic/blended", "7ce97a0e5183"),
-        ("finetune synthetic/blended/none", "2be171104744"),
-        ("evaluate synthetic/blended/none", "7f2c72312c2b"),
-        ("stage1 f_p synthetic/blended", "62957caf553b"),
-        ("finetune synthetic/blended/ieu", "2ba1141bb584"),
-        ("evaluate synthetic/blended/ieu", "b9c78b5f0c1e"),
+        ("dataset synthetic", "3450a3b66cc4"),
+        ("pretrain synthetic", "372cf4ec75b3"),
+        ("poison synthetic/badnets-white", "06aee583b028"),
+        ("finetune synthetic/badnets-white/none", "e29abf57cb1c"),
+        ("evaluate synthetic/badnets-white/none", "f8f57b3148a9"),
+        ("stage1 f_p synthetic/badnets-white", "93860a72e151"),
+        ("finetune synthetic/badnets-white/ieu", "c5e45e804815"),
+        ("evaluate synthetic/badnets-white/ieu", "50cb6acdaa0d"),
+        ("poison synthetic/blended", "9d7736415587"),
+        ("finetune synthetic/blended/none", "f57a804c172f"),
+        ("evaluate synthetic/blended/none", "8e830caff460"),
+        ("stage1 f_p synthetic/blended", "0984aec08352"),
+        ("finetune synthetic/blended/ieu", "8117bc5e2144"),
+        ("evaluate synthetic/blended/ieu", "1be52fbeb945"),
     ];
     for (label, key) in want {
         assert!(
@@ -217,7 +217,7 @@ fn pretrained_checkpoint_replaces_pretrain_with_an_import_step() {
     let import = p.steps.iter().find(|s| s.kind == Kind::Import).unwrap();
     assert_eq!(import.label, "import ckpt.safetensors");
     let ip: ImportParams = import.params().unwrap();
-    assert_eq!((ip.model.depth, ip.model.heads, ip.image_size), (2, 2, 16));
+    assert_eq!((ip.model.depth, ip.model.heads, ip.image_size), (2, 2, 32));
 
     // Downstream steps (stage-1 truncation, finetuning with a new head) run unchanged.
     let store = crate::store::Store::open(&dir.path().join("store")).unwrap();
