@@ -98,7 +98,7 @@ struct Crate {
 pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String) {
     let mut krate = Crate::default();
     load_module(&mut krate, &root.join("src/lib.rs"), &root.join("src"), "");
-    let deps = numeric_dependencies(&root.join("Cargo.lock"));
+    let deps = numeric_dependencies(&root.join("Cargo.lock"), &root.join("Cargo.toml"));
     let index = Index::new(&krate);
     let mut debug = String::new();
     let mut ids = Vec::new();
@@ -228,9 +228,17 @@ impl Node {
     }
 }
 
-fn numeric_dependencies(lock: &Path) -> String {
+/// The locked versions of the numeric crates, and how the manifest asks for them (their
+/// features change the arithmetic too: SIMD kernels, parallel GEMM).
+fn numeric_dependencies(lock: &Path, manifest: &Path) -> String {
     let text = std::fs::read_to_string(lock).unwrap_or_default();
     let mut found = BTreeSet::new();
+    for line in std::fs::read_to_string(manifest).unwrap_or_default().lines() {
+        let name = line.split(['=', ' ']).next().unwrap_or("");
+        if !name.is_empty() && NUMERIC_CRATES.iter().any(|p| name.starts_with(p)) {
+            found.insert(format!("manifest: {}", line.trim()));
+        }
+    }
     let mut name = None;
     for line in text.lines() {
         if let Some(n) = line.strip_prefix("name = ") {

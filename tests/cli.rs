@@ -102,6 +102,41 @@ fn smoke_run_then_fully_cached_rerun() {
     assert!(ieu[unlearn_steps] > 0.0, "IEU unlearned nothing: {csv}");
     assert!(ieu[asr] < none[asr] - 10.0, "IEU did not lower ASR: {csv}");
 
+    // Eq. 3's trace of that cell: one CSV row per unlearned batch, and the figure.
+    let figs = tempfile::tempdir().unwrap();
+    let spec = figs.path().join("default.yaml");
+    let default = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/default.yaml"),
+    )
+    .unwrap();
+    std::fs::write(
+        &spec,
+        format!(
+            "{default}figures:\n  - name: eq3\n    title: Eq. 3\n    kind: unlearn_rate\n    \
+             panels: [{{ dataset: synthetic, attack: blended, defence: ieu }}]\n"
+        ),
+    )
+    .unwrap();
+    stdout(
+        bin()
+            .arg("report")
+            .arg(&spec)
+            .args(["--scale", "smoke", "--store", s, "--figures"])
+            .arg(figs.path()),
+    );
+    let trace = std::fs::read_to_string(figs.path().join("eq3.csv")).unwrap();
+    assert_eq!(
+        trace.lines().count() - 1,
+        ieu[unlearn_steps] as usize,
+        "{trace}"
+    );
+    let first = trace.lines().nth(1).unwrap();
+    assert!(
+        first.contains(",0,,1,"),
+        "k = 0, no previous loss, factor 1: {first}"
+    );
+    assert!(figs.path().join("eq3.png").is_file());
+
     // Everything cached: nothing trains, the dry run says so.
     let again = stdout(bin().args(["run", "--scale", "smoke", "--store", s]));
     assert!(

@@ -24,6 +24,7 @@ fn copy_tree() -> tempfile::TempDir {
         }
     }
     std::fs::copy(root().join("Cargo.lock"), dir.path().join("Cargo.lock")).unwrap();
+    std::fs::copy(root().join("Cargo.toml"), dir.path().join("Cargo.toml")).unwrap();
     dir
 }
 
@@ -209,6 +210,16 @@ fn the_command_line_and_reports_move_nothing() {
         ),
     ]);
     assert!(moved.is_empty(), "moved: {moved:?}");
+}
+
+#[test]
+fn a_numeric_feature_moves_everything() {
+    let moved = changed_by(&[(
+        "Cargo.toml",
+        "burn-flex = { version = \"0.22.1\", default-features = false, features = [",
+        "burn-flex = { version = \"0.22.1\", default-features = false, features = [\"fft\", ",
+    )]);
+    assert_eq!(moved.len(), ids(&root()).len(), "{moved:?}");
 }
 
 #[test]

@@ -139,23 +139,14 @@ fn tampered_metrics_and_models_are_named_quarantined_and_recomputed() {
     );
 }
 
-/// A copy of the default spec with a `scales.yaml` beside it whose smoke scale takes a few
-/// seconds, so concurrent runs overlap.
+/// A copy of the default spec with a `scales.yaml` beside it holding the smoke scale (a
+/// few seconds per step, so concurrent runs overlap).
 fn slower_spec(dir: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::copy(root.join("experiments/default.yaml"), dir.join("spec.yaml")).unwrap();
     let scales = std::fs::read_to_string(root.join("experiments/scales.yaml")).unwrap();
     let smoke = &scales[..scales.find("\ncpu:").unwrap()];
-    let smoke = smoke
-        .replace(
-            "data: { pretrain: 320, tune: 320, test: 160 }",
-            "data: { pretrain: 2400, tune: 1600, test: 300 }",
-        )
-        .replace(
-            "pretrain: { view: flip, epochs: 2,",
-            "pretrain: { view: flip, epochs: 3,",
-        );
-    assert!(smoke.contains("pretrain: 2400"));
+    assert!(smoke.contains("pretrain: { view: flip, epochs: 20,"));
     std::fs::write(dir.join("scales.yaml"), smoke).unwrap();
     dir.join("spec.yaml")
 }
@@ -350,23 +341,23 @@ fn nonsense_settings_are_refused_before_any_work() {
         ("dim: 32", "dim: 0", "smoke.model.dim"),
         ("mlp_ratio: 2 }", "mlp_ratio: 0 }", "smoke.model.mlp_ratio"),
         (
-            "finetune: { epochs: 2,",
+            "finetune: { epochs: 15,",
             "finetune: { epochs: 0,",
             "smoke.finetune.epochs",
         ),
         (
-            "pretrain: { view: flip, epochs: 2,",
+            "pretrain: { view: flip, epochs: 20,",
             "pretrain: { view: flip, epochs: 0,",
             "smoke.pretrain.epochs",
         ),
         (
-            "stage1: { epochs: 2, lr: 1.0e-3, warmup_epochs: 1 }",
-            "stage1: { epochs: 2, lr: 1.0e-3, warmup_epochs: 3 }",
+            "stage1: { epochs: 15, lr: 3.0e-3, warmup_epochs: 1 }",
+            "stage1: { epochs: 15, lr: 3.0e-3, warmup_epochs: 16 }",
             "smoke.stage1.warmup_epochs",
         ),
-        ("test: 160 }", "test: 0 }", "smoke.data.test"),
-        ("tune: 320,", "tune: 0,", "smoke.data.tune"),
-        ("image_size: 16", "image_size: 2048", "smoke.image_size"),
+        ("test: 320 }", "test: 0 }", "smoke.data.test"),
+        ("tune: 1280,", "tune: 0,", "smoke.data.tune"),
+        ("image_size: 32", "image_size: 2048", "smoke.image_size"),
         ("batch_size: 32", "batch_size: 0", "smoke.batch_size"),
     ];
     let store = dir.path().join("store");
