@@ -7,9 +7,9 @@
 // item becomes its token stream (comments and whitespace are not tokens; `#[doc]`
 // attributes and `#[cfg(test)]` items are removed) and is linked to the items its tokens
 // name. The identity of a step kind is the blake3 hash of every item reachable from the
-// kind's entry functions (the `roots` of `src/dag/kinds.rs` and each registered
-// defence's `run`), plus the locked versions of the crates that do its
-// arithmetic (Burn, rand, image decoding).
+// kind's entry functions (the `roots` of `src/dag/kinds.rs`, each registered defence's
+// `run`, and for `poison` the `run` of every registered attack's module), plus the locked
+// versions of the crates that do its arithmetic (Burn, rand, image decoding).
 //
 // Name resolution errs on the side of linking too much:
 // - `a::b::name` resolves in module `a::b` (relative, `crate::`, `super::`, `self::`, or a
@@ -22,10 +22,12 @@
 // - an unqualified name resolves in its own module, then through the module's `use`s;
 // - naming a type pulls in its impl headers, and trait impls whole (their methods are
 //   called implicitly: `Drop`, `Display`, `From` through `?`, serde).
-// Dispatch is left out on purpose: the kinds' `run` functions (`src/dag/kinds.rs`) and
-// `defences::run_finetune_step` only route a step to its entry function and are reachable
-// from no root, so an edit to IEU's stage 2 changes the IEU finetune key and not the
-// no-defence one. Keep such dispatchers free of arithmetic.
+// Dispatch is left out on purpose: the kinds' `run` functions (`src/dag/kinds.rs`),
+// `defences::run_finetune_step` and the `run` methods of the registries' traits only route
+// a step to its entry function and are reachable from no root, so an edit to IEU's stage 2
+// changes the IEU finetune key and not the no-defence one, and the attacks' planning and
+// preview code is in no identity. Keep such dispatchers free of arithmetic, and keep the
+// registries out of reach of the entry functions.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -102,11 +104,18 @@ pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String)
     let index = Index::new(&krate);
     let mut debug = String::new();
     let mut ids = Vec::new();
-    let mut all: Vec<(String, Vec<String>)> = kind_roots(&root.join("src/dag/kinds.rs"))
-        .into_iter()
-        .filter(|(_, roots)| !roots.is_empty())
-        .collect();
-    for module in defence_roots(&root.join("src/defences/mod.rs")) {
+    let mut all: Vec<(String, Vec<String>)> = kind_roots(&root.join("src/dag/kinds.rs"));
+    // The `poison` kind: the `run` of every module in the attack registry.
+    for module in registry_modules(&root.join("src/attacks/mod.rs")) {
+        let run = format!("attacks::{module}::run");
+        if let Some((_, roots)) = all.iter_mut().find(|(kind, _)| kind == "poison") {
+            if !roots.contains(&run) {
+                roots.push(run);
+            }
+        }
+    }
+    all.retain(|(_, roots)| !roots.is_empty());
+    for module in registry_modules(&root.join("src/defences/mod.rs")) {
         let run = format!("defences::{module}::run");
         let has_run = krate.nodes.iter().any(|n| {
             n.module == format!("defences::{module}") && n.name == "run" && n.self_ty.is_none()
@@ -200,10 +209,12 @@ pub fn kind_roots(table: &Path) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// The modules of the defences in `REGISTRY` (`&ieu::Ieu,` → `ieu`), in order. A defence
-/// with a `finetune` step of its own has `pub fn run` in its module: that function is the
-/// root of its identity `finetune/<name>` (the module name with `-` for `_`).
-pub fn defence_roots(registry: &Path) -> Vec<String> {
+/// The modules of the entries of a registry's `REGISTRY` (`&ieu::Ieu,` → `ieu`), in order,
+/// each once. A defence with a `finetune` step of its own has `pub fn run` in its module:
+/// that function is the root of its identity `finetune/<name>` (the module name with `-`
+/// for `_`). Every attack module has `pub fn run`, its poison step: together they root the
+/// `poison` identity.
+pub fn registry_modules(registry: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(registry).unwrap_or_default();
     let Some(start) = text.find("pub static REGISTRY") else {
         panic!("build.rs: no `pub static REGISTRY` in {}", registry.display());
@@ -211,12 +222,17 @@ pub fn defence_roots(registry: &Path) -> Vec<String> {
     let body = &text[start..];
     let body = &body[body.find("= &[").map(|i| i + 4).unwrap_or(0)..];
     let body = &body[..body.find("];").unwrap_or(body.len())];
-    body.split(',')
-        .filter_map(|e| {
-            let e = e.trim().trim_start_matches('&');
-            e.split_once("::").map(|(m, _)| m.trim().to_string())
-        })
-        .collect()
+    let mut out: Vec<String> = Vec::new();
+    for e in body.split(',') {
+        let e = e.trim().trim_start_matches('&');
+        if let Some((m, _)) = e.split_once("::") {
+            let m = m.trim().to_string();
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    out
 }
 
 impl Node {

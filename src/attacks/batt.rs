@@ -5,18 +5,81 @@
 //! data augmentation: the poisoned set stores rotated images, and training views are drawn
 //! from them.
 
-use serde::{Deserialize, Serialize};
+use std::path::Path;
 
+use anyhow::Result;
+use burn::prelude::Device;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Attack, AttackParams, PoisonInputs, PoisonParams, Trigger, TriggerFiles};
+use crate::defences::Settings;
+use crate::spec::plan::SpecFiles;
+
+/// Batt in the registry.
+pub struct Batt;
+
+impl Attack for Batt {
+    fn name(&self) -> &'static str {
+        "batt"
+    }
+    fn default_settings(&self) -> Value {
+        super::defaults::<BattSettings>()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        BattSettings::checked(settings).map(drop)
+    }
+    fn params(&self, settings: &Value, _: &mut SpecFiles) -> Result<AttackParams> {
+        AttackParams::new(self.name(), &BattSettings::of(settings)?)
+    }
+    fn trigger(&self, p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+        trigger(p, size, files)
+    }
+    fn run(
+        &self,
+        p: &PoisonParams,
+        inputs: &PoisonInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<usize> {
+        run(p, inputs, out, device)
+    }
+}
+
+/// BATT settings of a spec (`defaults.attacks.batt`), which are also its step parameters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct Batt {
+pub struct BattSettings {
     pub degrees: f64,
 }
 
-impl Default for Batt {
+impl Default for BattSettings {
     fn default() -> Self {
         Self { degrees: 16.0 }
     }
+}
+
+impl Settings for BattSettings {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.degrees.is_finite() && self.degrees != 0.0) {
+            return Err(format!(
+                "degrees: {} must be a non-zero number",
+                self.degrees
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The `poison` step of BATT.
+pub fn run(p: &PoisonParams, inputs: &PoisonInputs, out: &Path, _: &Device) -> Result<usize> {
+    super::run_poison_step(p, inputs, out, false, trigger)
+}
+
+/// BATT's trigger: the rotation.
+pub fn trigger(p: &PoisonParams, _: usize, _: &TriggerFiles) -> Result<Trigger> {
+    let s: BattSettings = p.attack.fields()?;
+    Ok(Trigger::Rotate { degrees: s.degrees })
 }
 
 /// Rotates a CHW u8 image in place.

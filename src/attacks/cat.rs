@@ -37,19 +37,110 @@
 
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use burn::prelude::*;
 use burn::tensor::activation::{softmax, softplus};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::{PoisonParams, Poisoned};
+use super::{Attack, AttackParams, PoisonInputs, PoisonParams, Poisoned, TriggerFiles};
 use crate::data::{DatasetMeta, ImageSet};
+use crate::defences::Settings;
 use crate::models::Vit;
+use crate::report::preview::{Preview, PreviewCache};
+use crate::spec::plan::{PoisonPlan, SpecFiles};
 
-/// Spec-level CAT settings (`defaults.attacks.cat`).
+/// CAT in the registry.
+pub struct Cat;
+
+impl Attack for Cat {
+    fn name(&self) -> &'static str {
+        "cat"
+    }
+    fn default_settings(&self) -> Value {
+        super::defaults::<CatSettings>()
+    }
+    /// The ranges, and a base CAT can perturb: a registered attack that takes no base.
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        let s = CatSettings::checked(settings)?;
+        if !super::registered(&s.base).is_some_and(|b| !b.takes_base()) {
+            return Err(format!(
+                "base: '{}' is not an attack CAT can perturb",
+                s.base
+            ));
+        }
+        Ok(())
+    }
+    /// `cat+<base>` names the base in a grid.
+    fn takes_base(&self) -> bool {
+        true
+    }
+    fn params(&self, settings: &Value, _: &mut SpecFiles) -> Result<AttackParams> {
+        AttackParams::new(self.name(), &CatSettings::of(settings)?)
+    }
+    /// The base attack's poison step, an f_p tuned on it as the defender would (the spec's
+    /// IEU settings), and the CAT poison step that reads both.
+    fn plan(&self, cx: &mut PoisonPlan, settings: &Value) -> Result<String> {
+        let s = CatSettings::of(settings)?;
+        let base = cx
+            .base
+            .map(str::to_string)
+            .unwrap_or_else(|| s.base.clone());
+        let base_key = cx.poison_of(&base)?;
+        let spec = cx.ds.spec;
+        let ieu = spec
+            .spec
+            .ieu_defaults()
+            .map_err(|e| anyhow!("{}: {e}", spec.origin))?;
+        let fp_key = crate::defences::ieu::plan_stage1(
+            cx.plan,
+            cx.ds,
+            &ieu,
+            &format!("attack {}", cx.label),
+            &base,
+            &base_key,
+        )?;
+        let params = AttackParams::new(self.name(), &CatSettings { base, ..s })?;
+        cx.poison(params, &[("base", &base_key), ("stage1", &fp_key)])
+    }
+    fn run(
+        &self,
+        p: &PoisonParams,
+        inputs: &PoisonInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<usize> {
+        run(p, inputs, out, device)
+    }
+    /// The base attack's image perturbed against a throwaway f_p (see [`preview_attacker`]).
+    fn preview(&self, cx: &Preview, cache: &mut PreviewCache, clean: &[u8]) -> Result<Vec<u8>> {
+        let c = CatSettings::of(&self.default_settings())?;
+        let base_attack = super::registered(&c.base)
+            .ok_or_else(|| anyhow!("cat: unknown base attack '{}'", c.base))?;
+        let base = cx.params(super::default_params(base_attack)?);
+        let size = cx.pool.size;
+        let trigger = base_attack.trigger(&base, size, &TriggerFiles::default())?;
+        let attacker = cache.cached("cat", || preview_attacker(cx, base_attack, &base, &c))?;
+        let mut x = clean.to_vec();
+        trigger.apply(&mut x, size);
+        let mut b = ImageSet::new(size);
+        b.push(&x, cx.target as u16);
+        let base_set = Poisoned {
+            tune: b,
+            indices: vec![0],
+            noise_indices: Vec::new(),
+            test: ImageSet::new(size),
+        };
+        let (r, _) = perturb(attacker, &c, &base_set)?;
+        Ok(r.tune.image(0).to_vec())
+    }
+}
+
+/// CAT settings of a spec (`defaults.attacks.cat`), which are also its step parameters
+/// (with the base a `cat+<base>` grid entry names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Cat {
+pub struct CatSettings {
     /// The attack whose poisoned images are perturbed.
     pub base: String,
     /// γ of Mo et al.'s Eq. 3: the weight of the target-class term.
@@ -59,7 +150,7 @@ pub struct Cat {
     pub l2_budget: f64,
 }
 
-impl Default for Cat {
+impl Default for CatSettings {
     fn default() -> Self {
         Self {
             base: "badnets-white".into(),
@@ -67,6 +158,24 @@ impl Default for Cat {
             iterations: 10,
             l2_budget: 16.0,
         }
+    }
+}
+
+impl Settings for CatSettings {
+    fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.gamma) {
+            return Err(format!("gamma: {} is not in [0, 1]", self.gamma));
+        }
+        if self.iterations < 1 {
+            return Err("iterations: must be at least 1".into());
+        }
+        if !(self.l2_budget > 0.0 && self.l2_budget.is_finite()) {
+            return Err(format!(
+                "l2_budget: {} must be a positive number",
+                self.l2_budget
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -312,7 +421,11 @@ fn flagged(conf: &[f32]) -> f64 {
 
 /// Perturbs the poisoned images of `base` (indices `indices`); every other image, the
 /// labels and the test set are kept.
-pub fn perturb(attacker: &Attacker, c: &Cat, base: &Poisoned) -> Result<(Poisoned, CatStats)> {
+pub fn perturb(
+    attacker: &Attacker,
+    c: &CatSettings,
+    base: &Poisoned,
+) -> Result<(Poisoned, CatStats)> {
     let size = base.tune.size;
     let per = 3 * size * size;
     let eps = c.l2_budget / 255.0;
@@ -380,17 +493,11 @@ pub fn perturb(attacker: &Attacker, c: &Cat, base: &Poisoned) -> Result<(Poisone
 }
 
 /// The `poison` step of CAT: inputs are the dataset step, the base attack's poison step
-/// and the `stage1` f_p tuned on it.
-pub fn run_cat_poison(
-    p: &PoisonParams,
-    c: &Cat,
-    dataset_dir: &Path,
-    base_dir: &Path,
-    stage1_dir: &Path,
-    out: &Path,
-    device: &Device,
-) -> Result<CatStats> {
-    let meta = crate::data::load_meta(dataset_dir)?;
+/// (`base`) and the `stage1` f_p tuned on it; also writes `cat_stats.json`.
+pub fn run(p: &PoisonParams, inputs: &PoisonInputs, out: &Path, device: &Device) -> Result<usize> {
+    let c: CatSettings = p.attack.fields()?;
+    let meta = crate::data::load_meta(&inputs.dataset)?;
+    let base_dir = inputs.input("base")?;
     let noise_path = base_dir.join("noise_indices.json");
     let base = Poisoned {
         tune: ImageSet::load(&base_dir.join("tune.safetensors"))?,
@@ -403,159 +510,74 @@ pub fn run_cat_poison(
         test: ImageSet::load(&base_dir.join("test.safetensors"))?,
     };
     let ad = device.clone().autodiff();
-    let (fp, _) = crate::models::load_vit(stage1_dir, &ad)?;
+    let (fp, _) = crate::models::load_vit(inputs.input("stage1")?, &ad)?;
     let attacker = Attacker::new(fp, &base.tune, &base.indices, &meta, p.target, c.gamma);
-    let (res, stats) = perturb(&attacker, c, &base)?;
+    let (res, st) = perturb(&attacker, &c, &base)?;
     super::write_poisoned(&res, out)?;
-    crate::store::write_json(&out.join("cat_stats.json"), &stats)?;
-    Ok(stats)
+    crate::store::write_json(&out.join("cat_stats.json"), &st)?;
+    tracing::info!(
+        "    CAT objective {:.3} -> {:.3} (u8 {:.3}); gate-flagged {:.1}% -> {:.1}%; mean l2 {:.2}/255",
+        st.objective_before,
+        st.objective_after_pgd,
+        st.objective_after_u8,
+        st.flagged_before_pct,
+        st.flagged_after_pct,
+        st.l2_mean
+    );
+    Ok(st.perturbed)
+}
+
+/// The preview's attacker: a fresh one-block ViT of the scale's width tuned for 3 epochs
+/// on the preview's pool poisoned by the base attack.
+fn preview_attacker(
+    cx: &Preview,
+    base_attack: &dyn Attack,
+    base: &PoisonParams,
+    c: &CatSettings,
+) -> Result<Attacker> {
+    let ad = crate::default_device().autodiff();
+    let empty = ImageSet::new(cx.pool.size);
+    let poisoned = base_attack.poison(base, cx.pool, &empty, &TriggerFiles::default())?;
+    let m = &cx.scale.model;
+    let cfg = crate::models::VitConfig {
+        image_size: cx.pool.size,
+        patch_size: m.patch_size,
+        dim: m.dim,
+        depth: 1,
+        heads: m.heads,
+        mlp_ratio: m.mlp_ratio,
+        num_classes: cx.meta.num_classes(),
+    };
+    let epochs = 3;
+    let iters = crate::train::iters_per_epoch(poisoned.tune.len(), 32) * epochs;
+    let sup = crate::train::Supervised {
+        label: "preview f_p",
+        epochs,
+        batch_size: 32,
+        views: &[crate::train::View::NoAug],
+        lr: vec![1e-3; iters],
+        wd: vec![0.0; iters],
+        seed: 0,
+        keep_last: false,
+    };
+    let fp = Vit::new(&cfg, 0, &ad);
+    let (fp, _) = crate::train::train_supervised(
+        fp,
+        &poisoned.tune,
+        cx.meta,
+        &sup,
+        crate::train::LossKind::Ce,
+        &ad,
+    )?;
+    Ok(Attacker::new(
+        fp,
+        &poisoned.tune,
+        &poisoned.indices,
+        cx.meta,
+        cx.target,
+        c.gamma,
+    ))
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::attacks::{AttackParams, TriggerFiles, build, poison};
-    use rand::{Rng, SeedableRng};
-
-    #[test]
-    fn quantised_perturbation_keeps_the_l2_budget_and_pixel_range() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
-        for case in 0..50 {
-            let n = 3 * 16 * 16;
-            let base: Vec<u8> = (0..n)
-                .map(|i| {
-                    if i % 7 == 0 {
-                        255
-                    } else {
-                        rng.random_range(0..=255u8)
-                    }
-                })
-                .collect();
-            let scale = [0.01f32, 0.05, 0.3][case % 3];
-            let adv: Vec<f32> = base
-                .iter()
-                .map(|&b| (b as f32 / 255.0 + rng.random_range(-scale..scale)).clamp(0.0, 1.0))
-                .collect();
-            let q = quantise(&base, &adv, 16.0);
-            let l2 = q
-                .iter()
-                .zip(&base)
-                .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            assert!(l2 <= 16.0 + 1e-9, "case {case}: {l2}");
-            assert!(l2 > 0.0, "case {case}: nothing kept");
-            // Every change goes the way δ does.
-            for i in 0..n {
-                let d = adv[i] * 255.0 - base[i] as f32;
-                let c = q[i] as f32 - base[i] as f32;
-                assert!(c == 0.0 || c.signum() == d.signum());
-            }
-        }
-    }
-
-    /// A smoke-size f_p tuned on BadNets-white poisoned synthetic data.
-    fn setup() -> (Attacker, Poisoned) {
-        let device = crate::default_device();
-        let ad = device.autodiff();
-        let size = 16;
-        let raw = crate::data::synthetic::generate(0, 320, 100, size);
-        let meta = DatasetMeta {
-            name: "synthetic".into(),
-            classes: raw.classes.clone(),
-            image_size: size,
-            mean: raw.mean,
-            std: raw.std,
-            pretrain: 0,
-            tune: raw.train.len(),
-            test: raw.test.len(),
-        };
-        let p = PoisonParams {
-            attack: AttackParams::BadnetsWhite(Default::default()),
-            poison_rate: 0.1,
-            target: 1,
-            seed: 0,
-        };
-        let t = build(&p, size, &TriggerFiles::default()).unwrap();
-        let base = poison(&p, &raw.train, &raw.test, &t);
-        let cfg = crate::models::VitConfig {
-            image_size: size,
-            patch_size: 4,
-            dim: 32,
-            depth: 1,
-            heads: 2,
-            mlp_ratio: 2,
-            num_classes: meta.num_classes(),
-        };
-        let fp = Vit::new(&cfg, 0, &ad);
-        let n_iter = crate::train::iters_per_epoch(base.tune.len(), 32);
-        let sup = crate::train::Supervised {
-            label: "test f_p",
-            epochs: 2,
-            batch_size: 32,
-            views: &[crate::train::View::NoAug],
-            lr: vec![1e-3; 2 * n_iter],
-            wd: vec![0.0; 2 * n_iter],
-            seed: 0,
-            keep_last: false,
-        };
-        let (fp, _) = crate::train::train_supervised(
-            fp,
-            &base.tune,
-            &meta,
-            &sup,
-            crate::train::LossKind::Ce,
-            &ad,
-        )
-        .unwrap();
-        let att = Attacker::new(fp, &base.tune, &base.indices, &meta, 1, 0.6);
-        (att, base)
-    }
-
-    #[test]
-    fn pgd_lowers_its_objective_within_budget_and_touches_only_poisoned_images() {
-        let (att, base) = setup();
-        let c = Cat::default();
-        let (r, st) = perturb(&att, &c, &base).unwrap();
-        eprintln!("{st:?}");
-        assert_eq!(st.perturbed, base.indices.len());
-        assert!(
-            st.objective_after_pgd < st.objective_before,
-            "PGD did not lower its objective: {st:?}"
-        );
-        assert!(st.objective_after_u8 < st.objective_before, "{st:?}");
-        assert_eq!(r.indices, base.indices);
-        assert_eq!(
-            r.tune.labels, base.tune.labels,
-            "labels are the base attack's"
-        );
-        assert_eq!(
-            r.test.images, base.test.images,
-            "ASR set is the base attack's"
-        );
-        assert_eq!(r.test.labels, base.test.labels);
-        let mut changed = 0;
-        for i in 0..base.tune.len() {
-            let d2: f64 = r
-                .tune
-                .image(i)
-                .iter()
-                .zip(base.tune.image(i))
-                .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-                .sum();
-            if base.indices.binary_search(&i).is_ok() {
-                assert!(d2.sqrt() <= c.l2_budget + 1e-9, "image {i}: {}", d2.sqrt());
-                changed += (d2 > 0.0) as usize;
-            } else {
-                assert_eq!(d2, 0.0, "unpoisoned image {i} changed");
-            }
-        }
-        assert!(
-            changed * 2 > base.indices.len(),
-            "most poisoned images perturbed"
-        );
-        // Deterministic.
-        let (again, _) = perturb(&att, &c, &base).unwrap();
-        assert_eq!(again.tune.images, r.tune.images);
-    }
-}
+mod tests;

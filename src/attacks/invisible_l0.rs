@@ -9,12 +9,105 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
+use burn::prelude::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::Trigger;
+use super::{Attack, AttackParams, PoisonInputs, PoisonParams, Trigger, TriggerFiles};
+use crate::defences::Settings;
+use crate::spec::plan::SpecFiles;
 
-pub fn trigger(
+/// l0-inv in the registry.
+pub struct L0Inv;
+
+impl Attack for L0Inv {
+    fn name(&self) -> &'static str {
+        "l0-inv"
+    }
+    fn default_settings(&self) -> Value {
+        super::defaults::<L0Settings>()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        L0Settings::checked(settings).map(drop)
+    }
+    fn params(&self, settings: &Value, files: &mut SpecFiles) -> Result<AttackParams> {
+        let s = L0Settings::of(settings)?;
+        let p = L0Params {
+            pixels: s.pixels,
+            trigger_digest: files.digest("trigger_file", &s.trigger_file)?,
+            mask_digest: files.digest("mask_file", &s.mask_file)?,
+        };
+        AttackParams::new(self.name(), &p)
+    }
+    fn trigger(&self, p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+        trigger(p, size, files)
+    }
+    fn run(
+        &self,
+        p: &PoisonParams,
+        inputs: &PoisonInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<usize> {
+        run(p, inputs, out, device)
+    }
+}
+
+/// l0-inv settings of a spec (`defaults.attacks.l0-inv`); the files are relative to the
+/// spec file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L0Settings {
+    pub pixels: usize,
+    pub trigger_file: Option<String>,
+    pub mask_file: Option<String>,
+}
+
+impl Default for L0Settings {
+    fn default() -> Self {
+        Self {
+            pixels: 9,
+            trigger_file: None,
+            mask_file: None,
+        }
+    }
+}
+
+impl Settings for L0Settings {
+    fn validate(&self) -> Result<(), String> {
+        if self.pixels < 1 {
+            return Err(format!("pixels: {} must be at least 1", self.pixels));
+        }
+        Ok(())
+    }
+}
+
+/// Parameters of l0-inv's `poison` step: the files enter as their content digests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct L0Params {
+    pub pixels: usize,
+    pub trigger_digest: Option<String>,
+    pub mask_digest: Option<String>,
+}
+
+/// The `poison` step of l0-inv.
+pub fn run(p: &PoisonParams, inputs: &PoisonInputs, out: &Path, _: &Device) -> Result<usize> {
+    super::run_poison_step(p, inputs, out, false, trigger)
+}
+
+/// l0-inv's trigger from the step's parameters and files.
+pub fn trigger(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+    let lp: L0Params = p.attack.fields()?;
+    let file = files.trigger_if(&lp.trigger_digest)?;
+    let mask = files.mask_if(&lp.mask_digest)?;
+    generate(size, lp.pixels, p.seed, file, mask)
+}
+
+/// The trigger of `pixels` pixels: the published pair of files, or generated from the
+/// seed.
+pub fn generate(
     size: usize,
     pixels: usize,
     seed: u64,

@@ -23,12 +23,105 @@
 use std::path::Path;
 
 use anyhow::Result;
+use burn::prelude::Device;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::Trigger;
+use super::{Attack, AttackParams, PoisonInputs, PoisonParams, Trigger, TriggerFiles};
 use crate::data::augment::gaussian;
+use crate::defences::Settings;
+use crate::spec::plan::SpecFiles;
+
+/// l2-inv in the registry.
+pub struct L2Inv;
+
+impl Attack for L2Inv {
+    fn name(&self) -> &'static str {
+        "l2-inv"
+    }
+    fn default_settings(&self) -> Value {
+        super::defaults::<L2Settings>()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        L2Settings::checked(settings).map(drop)
+    }
+    fn params(&self, settings: &Value, files: &mut SpecFiles) -> Result<AttackParams> {
+        let s = L2Settings::of(settings)?;
+        let p = L2Params {
+            l2_norm: s.l2_norm,
+            recipe: s.recipe,
+            trigger_digest: files.digest("trigger_file", &s.trigger_file)?,
+        };
+        AttackParams::new(self.name(), &p)
+    }
+    fn trigger(&self, p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+        trigger(p, size, files)
+    }
+    fn run(
+        &self,
+        p: &PoisonParams,
+        inputs: &PoisonInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<usize> {
+        run(p, inputs, out, device)
+    }
+}
+
+/// l2-inv settings of a spec (`defaults.attacks.l2-inv`); `trigger_file` is relative to
+/// the spec file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L2Settings {
+    pub l2_norm: f64,
+    /// How the trigger is generated without a file: `field` (default) or `iid`.
+    pub recipe: Recipe,
+    pub trigger_file: Option<String>,
+}
+
+impl Default for L2Settings {
+    fn default() -> Self {
+        Self {
+            l2_norm: 3.2,
+            recipe: Default::default(),
+            trigger_file: None,
+        }
+    }
+}
+
+impl Settings for L2Settings {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.l2_norm > 0.0 && self.l2_norm.is_finite()) {
+            return Err(format!(
+                "l2_norm: {} must be a positive number",
+                self.l2_norm
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parameters of l2-inv's `poison` step: the trigger file enters as its content digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct L2Params {
+    pub l2_norm: f64,
+    pub recipe: Recipe,
+    pub trigger_digest: Option<String>,
+}
+
+/// The `poison` step of l2-inv.
+pub fn run(p: &PoisonParams, inputs: &PoisonInputs, out: &Path, _: &Device) -> Result<usize> {
+    super::run_poison_step(p, inputs, out, false, trigger)
+}
+
+/// l2-inv's trigger from the step's parameters and file.
+pub fn trigger(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+    let lp: L2Params = p.attack.fields()?;
+    let file = files.trigger_if(&lp.trigger_digest)?;
+    generate(size, lp.l2_norm, lp.recipe, p.seed, file)
+}
 
 /// How the trigger is generated when no `trigger_file` is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -54,7 +147,8 @@ pub fn budget(l2_norm: f64, size: usize) -> f64 {
     l2_norm * ((size * size) as f64 / 1024.0).sqrt()
 }
 
-pub fn trigger(
+/// The trigger within the l2 budget: the file's, or generated from the seed by `recipe`.
+pub fn generate(
     size: usize,
     l2_norm: f64,
     recipe: Recipe,
@@ -166,7 +260,7 @@ mod tests {
     }
 
     fn pattern(size: usize, recipe: Recipe, seed: u64) -> Vec<f32> {
-        match trigger(size, 3.2, recipe, seed, None).unwrap() {
+        match generate(size, 3.2, recipe, seed, None).unwrap() {
             Trigger::Additive { pattern, .. } => pattern,
             _ => unreachable!(),
         }

@@ -1,4 +1,4 @@
-//! Backdoor attacks and the `poison` step.
+//! Backdoor attacks, their registry, and the `poison` step.
 //!
 //! Input: the clean dataset step. Output: `tune.safetensors` (the finetuning set with a
 //! fraction α of its non-target images triggered and relabelled to the target, or, for the
@@ -10,6 +10,14 @@
 //! Every attack generates its trigger from the seed at any image size; where a published
 //! trigger file exists a spec can name it (`trigger_file:`), and its content digest enters
 //! the step key. One file per attack documents its recipe.
+//!
+//! **Adding an attack** is one file and one line: a module here (declared below) that
+//! implements [`Attack`] (its settings with their defaults and checks, its step
+//! parameters, its trigger, what it plans, and the `run` of its `poison` step) and its
+//! entry in [`REGISTRY`]. The module's `pub fn run` computes its poison step: the planner, the
+//! executor, the preview and the spec parser (`defaults.attacks.<name>`, variants based on
+//! it) go through the registry, and `build.rs` roots the `poison` code identity at the
+//! `run` of every registered module.
 
 pub mod badnets;
 pub mod batt;
@@ -23,81 +31,185 @@ pub mod smooth;
 pub mod trojan;
 pub mod wanet;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use burn::prelude::Device;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::data::ImageSet;
+use crate::report::preview::{Preview, PreviewCache};
+use crate::spec::plan::{PoisonPlan, SpecFiles};
 
-/// An attack with every parameter that affects its output. File-based triggers enter as
-/// their content digests; the files themselves are found through the step's locators.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "name", rename_all = "kebab-case")]
-pub enum AttackParams {
-    BadnetsWhite(badnets::BadnetsWhite),
-    BadnetsPattern(badnets::BadnetsPattern),
-    Blended {
-        alpha: f64,
-        trigger_digest: Option<String>,
-    },
-    TrojanSq {
-        trigger_digest: Option<String>,
-    },
-    TrojanWm {
-        trigger_digest: Option<String>,
-    },
-    L0Inv {
-        pixels: usize,
-        trigger_digest: Option<String>,
-        mask_digest: Option<String>,
-    },
-    L2Inv {
-        l2_norm: f64,
-        recipe: invisible_l2::Recipe,
-        trigger_digest: Option<String>,
-    },
-    Smooth {
-        max: f64,
-        trigger_digest: Option<String>,
-    },
-    Sig(sig::Sig),
-    Batt(batt::Batt),
-    Wanet(wanet::Wanet),
-    /// Sample-specific: the trigger comes from the `stegastamp` step (an input).
-    Issba(issba::Issba),
-    /// Adaptive: PGD on another attack's poisoned images against a tuned f_p (inputs).
-    Cat(cat::Cat),
+/// Every attack a spec can name, in the order `--help`, errors and the preview list them.
+pub static REGISTRY: &[&dyn Attack] = &[
+    &badnets::WHITE,
+    &badnets::PATTERN,
+    &blended::Blended,
+    &trojan::SQUARE,
+    &trojan::WATERMARK,
+    &invisible_l0::L0Inv,
+    &invisible_l2::L2Inv,
+    &smooth::Smooth,
+    &sig::Sig,
+    &issba::Issba,
+    &batt::Batt,
+    &wanet::Wanet,
+    &cat::Cat,
+];
+
+/// The registered attack of a name.
+pub fn registered(name: &str) -> Option<&'static dyn Attack> {
+    REGISTRY.iter().copied().find(|a| a.name() == name)
 }
 
+/// The names of every registered attack.
+pub fn names() -> Vec<&'static str> {
+    REGISTRY.iter().map(|a| a.name()).collect()
+}
+
+/// The attack a grid entry names, and the base attack it names with it: `<attack>+<base>`
+/// for an attack that [takes a base](Attack::takes_base) (`cat+blended`), whose base is a
+/// registered attack that takes none.
+pub fn resolve(name: &str) -> Option<(&'static dyn Attack, Option<&str>)> {
+    if let Some(a) = registered(name) {
+        return Some((a, None));
+    }
+    let (head, base) = name.split_once('+')?;
+    let a = registered(head).filter(|a| a.takes_base())?;
+    registered(base).filter(|b| !b.takes_base())?;
+    Some((a, Some(base)))
+}
+
+/// An attack: what the spec may set, what it plans, its trigger, and how its `poison` step
+/// runs.
+pub trait Attack: Sync {
+    /// Its name in specs (`grid.attack`, `defaults.attacks.<name>`, a variant's `base`)
+    /// and in the `poison` step's parameters.
+    fn name(&self) -> &'static str;
+
+    /// Its settings with every default (`defaults.attacks.<name>` and a variant's
+    /// `attacks: { <name>: … }` are merged over them).
+    fn default_settings(&self) -> Value;
+
+    /// Checks merged settings; the message names the field (`alpha: 2 is not in (0, 1]`).
+    fn check(&self, settings: &Value) -> Result<(), String>;
+
+    /// Clean-label attacks poison every target-class image and keep every label (SIG).
+    fn clean_label(&self) -> bool {
+        false
+    }
+
+    /// Whether a grid entry may name it on another attack, `<name>+<base>` (CAT).
+    fn takes_base(&self) -> bool {
+        false
+    }
+
+    /// Its step parameters from merged settings; the trigger files the settings name enter
+    /// as content digests, and `files` records them as the step's locators.
+    fn params(&self, settings: &Value, files: &mut SpecFiles) -> Result<AttackParams>;
+
+    /// Adds its poison step (and the steps that step reads) to the plan; returns the poison
+    /// step's key. By default one poison step on the dataset.
+    fn plan(&self, cx: &mut PoisonPlan, settings: &Value) -> Result<String> {
+        let params = self.params(settings, &mut cx.files)?;
+        cx.poison(params, &[])
+    }
+
+    /// Its trigger at an image size, for attacks with one fixed trigger.
+    fn trigger(&self, p: &PoisonParams, _size: usize, _files: &TriggerFiles) -> Result<Trigger> {
+        bail!(
+            "{}: sample-specific, no fixed trigger (its poison step reads its input steps)",
+            p.attack.name()
+        )
+    }
+
+    /// Poisons clean sets in memory, as its `poison` step does (tests, the preview).
+    fn poison(
+        &self,
+        p: &PoisonParams,
+        tune: &ImageSet,
+        test: &ImageSet,
+        files: &TriggerFiles,
+    ) -> Result<Poisoned> {
+        let trigger = self.trigger(p, tune.size, files)?;
+        Ok(poison(p, tune, test, &trigger, self.clean_label()))
+    }
+
+    /// Computes its `poison` step: routes to its module's `pub fn run`, the root of the
+    /// step's code identity (keep arithmetic out of this method); returns the number of
+    /// poisoned training images.
+    fn run(
+        &self,
+        p: &PoisonParams,
+        inputs: &PoisonInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<usize>;
+
+    /// Its row of the preview figure: the poisoned version of one clean image, with the
+    /// default settings. By default its trigger applied.
+    fn preview(&self, cx: &Preview, _cache: &mut PreviewCache, clean: &[u8]) -> Result<Vec<u8>> {
+        let p = cx.params(default_params(self)?);
+        let size = cx.pool.size;
+        let trigger = self.trigger(&p, size, &TriggerFiles::default())?;
+        let mut x = clean.to_vec();
+        trigger.apply(&mut x, size);
+        Ok(x)
+    }
+}
+
+/// An attack's parameters with its default settings (generated triggers, no files).
+pub fn default_params(attack: &(impl Attack + ?Sized)) -> Result<AttackParams> {
+    attack.params(&attack.default_settings(), &mut SpecFiles::none())
+}
+
+/// The default settings of a typed settings struct, as [`Attack::default_settings`]
+/// returns them.
+pub fn defaults<S: crate::defences::Settings>() -> Value {
+    S::defaults().unwrap_or_default()
+}
+
+/// An attack with every parameter that affects its output: its name and its own fields in
+/// one JSON object (`{"name": "blended", "alpha": 0.4, "trigger_digest": null}`). File-based
+/// triggers enter as their content digests; the files themselves are found through the
+/// step's locators.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AttackParams(serde_json::Map<String, Value>);
+
 impl AttackParams {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::BadnetsWhite(_) => "badnets-white",
-            Self::BadnetsPattern(_) => "badnets-pattern",
-            Self::Blended { .. } => "blended",
-            Self::TrojanSq { .. } => "trojan-sq",
-            Self::TrojanWm { .. } => "trojan-wm",
-            Self::L0Inv { .. } => "l0-inv",
-            Self::L2Inv { .. } => "l2-inv",
-            Self::Smooth { .. } => "smooth",
-            Self::Sig(_) => "sig",
-            Self::Batt(_) => "batt",
-            Self::Wanet(_) => "wanet",
-            Self::Issba(_) => "issba",
-            Self::Cat(_) => "cat",
+    /// An attack's parameters: its name and the fields of `params`.
+    pub fn new<P: Serialize>(name: &str, params: &P) -> Result<Self> {
+        match serde_json::to_value(params)? {
+            Value::Object(mut fields) => {
+                fields.insert("name".into(), Value::String(name.to_string()));
+                Ok(Self(fields))
+            }
+            other => bail!("parameters of attack {name} are not a mapping: {other}"),
         }
     }
 
-    /// Clean-label attacks poison target-class images and keep every label.
-    pub fn clean_label(&self) -> bool {
-        matches!(self, Self::Sig(_))
+    pub fn name(&self) -> &str {
+        self.0.get("name").and_then(Value::as_str).unwrap_or("?")
+    }
+
+    /// The attack's own fields, typed.
+    pub fn fields<P: DeserializeOwned>(&self) -> Result<P> {
+        let mut fields = self.0.clone();
+        fields.remove("name");
+        serde_json::from_value(Value::Object(fields))
+            .map_err(|e| anyhow!("parameters of attack {}: {e}", self.name()))
     }
 }
 
+/// Parameters of a `poison` step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoisonParams {
     pub attack: AttackParams,
@@ -149,82 +261,66 @@ impl Trigger {
     }
 }
 
-/// Trigger files of a poison step, found through its locators.
+/// Trigger files of a poison step, found through its locators (`trigger_file`,
+/// `mask_file`).
 #[derive(Debug, Clone, Default)]
 pub struct TriggerFiles {
     pub trigger: Option<PathBuf>,
     pub mask: Option<PathBuf>,
 }
 
-fn file_if(digest: &Option<String>, path: &Option<PathBuf>, what: &str) -> Result<Option<PathBuf>> {
+impl TriggerFiles {
+    /// The trigger file, if the parameters name one (by its digest).
+    pub fn trigger_if(&self, digest: &Option<String>) -> Result<Option<&Path>> {
+        file_if(digest, &self.trigger, "trigger")
+    }
+
+    /// The mask file, if the parameters name one (by its digest).
+    pub fn mask_if(&self, digest: &Option<String>) -> Result<Option<&Path>> {
+        file_if(digest, &self.mask, "mask")
+    }
+}
+
+fn file_if<'a>(
+    digest: &Option<String>,
+    path: &'a Option<PathBuf>,
+    what: &str,
+) -> Result<Option<&'a Path>> {
     match (digest, path) {
         (None, _) => Ok(None),
-        (Some(_), Some(p)) => Ok(Some(p.clone())),
+        (Some(_), Some(p)) => Ok(Some(p)),
         (Some(_), None) => bail!("the {what} file of this step is not available"),
     }
 }
 
-/// Builds the trigger of an attack for an image size.
-pub fn build(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
-    let seed = p.seed;
-    let t = match &p.attack {
-        AttackParams::BadnetsWhite(b) => b.trigger(size),
-        AttackParams::BadnetsPattern(b) => b.trigger(size),
-        AttackParams::Blended {
-            alpha,
-            trigger_digest,
-        } => {
-            let file = file_if(trigger_digest, &files.trigger, "trigger")?;
-            Trigger::Blend {
-                weight: vec![*alpha as f32; size * size],
-                pattern: blended::pattern(size, seed, file.as_deref())?,
-            }
-        }
-        AttackParams::TrojanSq { trigger_digest } => {
-            let file = file_if(trigger_digest, &files.trigger, "trigger")?;
-            trojan::trigger(trojan::Kind::Square, size, seed, file.as_deref())?
-        }
-        AttackParams::TrojanWm { trigger_digest } => {
-            let file = file_if(trigger_digest, &files.trigger, "trigger")?;
-            trojan::trigger(trojan::Kind::Watermark, size, seed, file.as_deref())?
-        }
-        AttackParams::L0Inv {
-            pixels,
-            trigger_digest,
-            mask_digest,
-        } => {
-            let file = file_if(trigger_digest, &files.trigger, "trigger")?;
-            let mask = file_if(mask_digest, &files.mask, "mask")?;
-            invisible_l0::trigger(size, *pixels, seed, file.as_deref(), mask.as_deref())?
-        }
-        AttackParams::L2Inv {
-            l2_norm,
-            recipe,
-            trigger_digest,
-        } => {
-            let file = file_if(trigger_digest, &files.trigger, "trigger")?;
-            invisible_l2::trigger(size, *l2_norm, *recipe, seed, file.as_deref())?
-        }
-        AttackParams::Smooth {
-            max,
-            trigger_digest,
-        } => {
-            let file = file_if(trigger_digest, &files.trigger, "trigger")?;
-            smooth::trigger(size, *max, seed, file.as_deref())?
-        }
-        AttackParams::Sig(s) => s.trigger(size),
-        AttackParams::Batt(b) => Trigger::Rotate { degrees: b.degrees },
-        AttackParams::Wanet(w) => Trigger::Warp {
-            grid: w.grid(size, seed),
-        },
-        AttackParams::Issba(_) | AttackParams::Cat(_) => {
-            bail!(
-                "{}: sample-specific, no fixed trigger (its poison step reads its input steps)",
-                p.attack.name()
+/// Inputs of a poison step: the dataset step's directory, the directories of the attack's
+/// own input steps by role, and its trigger files.
+pub struct PoisonInputs {
+    pub dataset: PathBuf,
+    pub others: BTreeMap<String, PathBuf>,
+    pub files: TriggerFiles,
+}
+
+impl PoisonInputs {
+    /// An input the attack planned (`stegastamp`, `base`, `stage1`).
+    pub fn input(&self, role: &str) -> Result<&Path> {
+        self.others.get(role).map(PathBuf::as_path).ok_or_else(|| {
+            anyhow!(
+                "this poison step has no `{role}` input (it has: dataset{})",
+                self.others
+                    .keys()
+                    .map(|k| format!(", {k}"))
+                    .collect::<String>()
             )
-        }
-    };
-    Ok(t)
+        })
+    }
+}
+
+/// The trigger of a poison step's attack at an image size (through the registry).
+pub fn build(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+    let name = p.attack.name();
+    let a = registered(name).ok_or_else(|| anyhow!("unknown attack '{name}'"))?;
+    a.trigger(p, size, files)
 }
 
 /// Chooses round(α · #non-target) non-target images of `set`, seeded; sorted indices.
@@ -249,10 +345,19 @@ pub struct Poisoned {
     pub test: ImageSet,
 }
 
-pub fn poison(p: &PoisonParams, tune: &ImageSet, test: &ImageSet, trigger: &Trigger) -> Poisoned {
+/// Poisons with a fixed trigger: the tune images chosen (round(α · #non-target) non-target
+/// images, or for a clean-label attack every target-class image) are triggered and
+/// labelled with the target, and every non-target test image is triggered (the ASR set).
+pub fn poison(
+    p: &PoisonParams,
+    tune: &ImageSet,
+    test: &ImageSet,
+    trigger: &Trigger,
+    clean_label: bool,
+) -> Poisoned {
     let size = tune.size;
     let target = p.target as u16;
-    let indices = if p.attack.clean_label() {
+    let indices = if clean_label {
         // SIG (Appendix A.1): every training image of the target class, labels unchanged.
         (0..tune.len())
             .filter(|&i| tune.labels[i] == target)
@@ -264,23 +369,6 @@ pub fn poison(p: &PoisonParams, tune: &ImageSet, test: &ImageSet, trigger: &Trig
     for &i in &indices {
         trigger.apply(ptune.image_mut(i), size);
         ptune.labels[i] = target;
-    }
-    let mut noise_indices = Vec::new();
-    if let (Trigger::Warp { grid }, AttackParams::Wanet(w)) = (trigger, &p.attack) {
-        // Noise mode: cross_ratio × #poisoned further images, warped with noise, labels kept.
-        let mut rest: Vec<usize> = (0..tune.len())
-            .filter(|i| indices.binary_search(i).is_err())
-            .collect();
-        rest.shuffle(&mut ChaCha8Rng::seed_from_u64(p.seed ^ 0x401CE));
-        let n = ((w.cross_ratio * indices.len() as f64).round() as usize).min(rest.len());
-        noise_indices = rest[..n].to_vec();
-        noise_indices.sort_unstable();
-        for &i in &noise_indices {
-            let noisy = Trigger::Warp {
-                grid: wanet::Wanet::noisy(grid, size, p.seed, i),
-            };
-            noisy.apply(ptune.image_mut(i), size);
-        }
     }
     let mut ptest = ImageSet::new(size);
     let mut buf = vec![0u8; test.stride()];
@@ -295,7 +383,7 @@ pub fn poison(p: &PoisonParams, tune: &ImageSet, test: &ImageSet, trigger: &Trig
     Poisoned {
         tune: ptune,
         indices,
-        noise_indices,
+        noise_indices: Vec::new(),
         test: ptest,
     }
 }
@@ -333,18 +421,38 @@ pub fn write_poisoned(res: &Poisoned, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the `poison` step of a fixed-trigger attack on the outputs of a dataset step.
-pub fn run_poison_step(
+/// Runs a `poison` step on the clean sets of its dataset step: `poisoned` makes the
+/// poisoned sets, which are written as the step's outputs; returns the number of poisoned
+/// training images.
+pub fn run_poisoning(
     p: &PoisonParams,
-    dataset_dir: &Path,
-    files: &TriggerFiles,
+    inputs: &PoisonInputs,
     out: &Path,
+    poisoned: impl FnOnce(&ImageSet, &ImageSet) -> Result<Poisoned>,
 ) -> Result<usize> {
-    let (tune, test) = load_clean(p, dataset_dir)?;
-    let trigger = build(p, tune.size, files)?;
-    let res = poison(p, &tune, &test, &trigger);
+    let (tune, test) = load_clean(p, &inputs.dataset)?;
+    let res = poisoned(&tune, &test)?;
     write_poisoned(&res, out)?;
     Ok(res.indices.len())
+}
+
+/// The trigger of a fixed-trigger attack at an image size, from the step's parameters and
+/// trigger files.
+pub type TriggerFn = fn(&PoisonParams, usize, &TriggerFiles) -> Result<Trigger>;
+
+/// Runs the `poison` step of a fixed-trigger attack: [`poison`] with its `trigger` at the
+/// dataset's image size.
+pub fn run_poison_step(
+    p: &PoisonParams,
+    inputs: &PoisonInputs,
+    out: &Path,
+    clean_label: bool,
+    trigger: TriggerFn,
+) -> Result<usize> {
+    run_poisoning(p, inputs, out, |tune, test| {
+        let t = trigger(p, tune.size, &inputs.files)?;
+        Ok(poison(p, tune, test, &t, clean_label))
+    })
 }
 
 pub fn load_poison_indices(dir: &Path) -> Result<Vec<usize>> {

@@ -9,12 +9,98 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
+use burn::prelude::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::Trigger;
+use super::{Attack, AttackParams, PoisonInputs, PoisonParams, Trigger, TriggerFiles};
+use crate::defences::Settings;
+use crate::spec::plan::SpecFiles;
 
-pub fn trigger(size: usize, max: f64, seed: u64, file: Option<&Path>) -> Result<Trigger> {
+/// Smooth in the registry.
+pub struct Smooth;
+
+impl Attack for Smooth {
+    fn name(&self) -> &'static str {
+        "smooth"
+    }
+    fn default_settings(&self) -> Value {
+        super::defaults::<SmoothSettings>()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        SmoothSettings::checked(settings).map(drop)
+    }
+    fn params(&self, settings: &Value, files: &mut SpecFiles) -> Result<AttackParams> {
+        let s = SmoothSettings::of(settings)?;
+        let p = SmoothParams {
+            max: s.max,
+            trigger_digest: files.digest("trigger_file", &s.trigger_file)?,
+        };
+        AttackParams::new(self.name(), &p)
+    }
+    fn trigger(&self, p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+        trigger(p, size, files)
+    }
+    fn run(
+        &self,
+        p: &PoisonParams,
+        inputs: &PoisonInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<usize> {
+        run(p, inputs, out, device)
+    }
+}
+
+/// Smooth settings of a spec (`defaults.attacks.smooth`); `trigger_file` is relative to
+/// the spec file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmoothSettings {
+    pub max: f64,
+    pub trigger_file: Option<String>,
+}
+
+impl Default for SmoothSettings {
+    fn default() -> Self {
+        Self {
+            max: 0.2,
+            trigger_file: None,
+        }
+    }
+}
+
+impl Settings for SmoothSettings {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.max > 0.0 && self.max <= 1.0) {
+            return Err(format!("max: {} is not in (0, 1]", self.max));
+        }
+        Ok(())
+    }
+}
+
+/// Parameters of Smooth's `poison` step: the trigger file enters as its content digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SmoothParams {
+    pub max: f64,
+    pub trigger_digest: Option<String>,
+}
+
+/// The `poison` step of Smooth.
+pub fn run(p: &PoisonParams, inputs: &PoisonInputs, out: &Path, _: &Device) -> Result<usize> {
+    super::run_poison_step(p, inputs, out, false, trigger)
+}
+
+/// Smooth's trigger from the step's parameters and file.
+pub fn trigger(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+    let sp: SmoothParams = p.attack.fields()?;
+    generate(size, sp.max, p.seed, files.trigger_if(&sp.trigger_digest)?)
+}
+
+/// The trigger with values in [0, max·255]: the file's, or generated from the seed.
+pub fn generate(size: usize, max: f64, seed: u64, file: Option<&Path>) -> Result<Trigger> {
     let hw = size * size;
     let chw: Vec<f32> = match file {
         Some(path) => {

@@ -14,10 +14,92 @@
 use std::path::Path;
 
 use anyhow::Result;
+use burn::prelude::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::Trigger;
+use super::{Attack, AttackParams, PoisonInputs, PoisonParams, Trigger, TriggerFiles};
+use crate::defences::Settings;
+use crate::spec::plan::SpecFiles;
+
+/// A TrojanNN attack in the registry: [`SQUARE`] or [`WATERMARK`].
+pub struct Trojan {
+    name: &'static str,
+}
+
+/// Trojan-SQ: the square patch.
+pub const SQUARE: Trojan = Trojan { name: "trojan-sq" };
+
+/// Trojan-WM: the watermark.
+pub const WATERMARK: Trojan = Trojan { name: "trojan-wm" };
+
+impl Attack for Trojan {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn default_settings(&self) -> Value {
+        super::defaults::<TrojanSettings>()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        TrojanSettings::checked(settings).map(drop)
+    }
+    fn params(&self, settings: &Value, files: &mut SpecFiles) -> Result<AttackParams> {
+        let s = TrojanSettings::of(settings)?;
+        let p = TrojanParams {
+            trigger_digest: files.digest("trigger_file", &s.trigger_file)?,
+        };
+        AttackParams::new(self.name, &p)
+    }
+    fn trigger(&self, p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+        trigger(p, size, files)
+    }
+    fn run(
+        &self,
+        p: &PoisonParams,
+        inputs: &PoisonInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<usize> {
+        run(p, inputs, out, device)
+    }
+}
+
+/// Settings of either Trojan attack (`defaults.attacks.trojan-sq`, `…trojan-wm`);
+/// `trigger_file` is relative to the spec file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrojanSettings {
+    pub trigger_file: Option<String>,
+}
+
+impl Settings for TrojanSettings {
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Parameters of a Trojan `poison` step: the trigger file enters as its content digest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrojanParams {
+    pub trigger_digest: Option<String>,
+}
+
+/// The `poison` step of either Trojan attack.
+pub fn run(p: &PoisonParams, inputs: &PoisonInputs, out: &Path, _: &Device) -> Result<usize> {
+    super::run_poison_step(p, inputs, out, false, trigger)
+}
+
+/// The trigger of the step's Trojan attack.
+pub fn trigger(p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+    let tp: TrojanParams = p.attack.fields()?;
+    let kind = match p.attack.name() {
+        "trojan-wm" => Kind::Watermark,
+        _ => Kind::Square,
+    };
+    generate(kind, size, p.seed, files.trigger_if(&tp.trigger_digest)?)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -25,7 +107,8 @@ pub enum Kind {
     Watermark,
 }
 
-pub fn trigger(kind: Kind, size: usize, seed: u64, file: Option<&Path>) -> Result<Trigger> {
+/// The additive trigger of a kind: the file's, or generated from the seed.
+pub fn generate(kind: Kind, size: usize, seed: u64, file: Option<&Path>) -> Result<Trigger> {
     let hw = size * size;
     if let Some(path) = file {
         let img = super::read_image(path, size)?;

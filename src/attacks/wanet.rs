@@ -6,20 +6,73 @@
 //! standard setting of the WaNet paper): a further `cross_ratio` (2) × #poisoned images are
 //! warped with the grid plus per-image uniform noise in ±1/H and keep their labels.
 
+use std::path::Path;
+
+use anyhow::Result;
+use burn::prelude::Device;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use super::{Attack, AttackParams, PoisonInputs, PoisonParams, Poisoned, Trigger, TriggerFiles};
+use crate::data::ImageSet;
+use crate::defences::Settings;
+use crate::spec::plan::SpecFiles;
+
+/// WaNet in the registry.
+pub struct Wanet;
+
+impl Attack for Wanet {
+    fn name(&self) -> &'static str {
+        "wanet"
+    }
+    fn default_settings(&self) -> Value {
+        super::defaults::<WanetSettings>()
+    }
+    fn check(&self, settings: &Value) -> Result<(), String> {
+        WanetSettings::checked(settings).map(drop)
+    }
+    fn params(&self, settings: &Value, _: &mut SpecFiles) -> Result<AttackParams> {
+        AttackParams::new(self.name(), &WanetSettings::of(settings)?)
+    }
+    fn trigger(&self, p: &PoisonParams, size: usize, files: &TriggerFiles) -> Result<Trigger> {
+        trigger(p, size, files)
+    }
+    /// The warp, and noise mode.
+    fn poison(
+        &self,
+        p: &PoisonParams,
+        tune: &ImageSet,
+        test: &ImageSet,
+        _: &TriggerFiles,
+    ) -> Result<Poisoned> {
+        poisoned(p, tune, test)
+    }
+    fn run(
+        &self,
+        p: &PoisonParams,
+        inputs: &PoisonInputs,
+        out: &Path,
+        device: &Device,
+    ) -> Result<usize> {
+        run(p, inputs, out, device)
+    }
+}
+
+/// WaNet settings of a spec (`defaults.attacks.wanet`), which are also its step
+/// parameters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct Wanet {
+pub struct WanetSettings {
     pub k: usize,
     pub s: f64,
     pub grid_rescale: f64,
     pub cross_ratio: f64,
 }
 
-impl Default for Wanet {
+impl Default for WanetSettings {
     fn default() -> Self {
         Self {
             k: 4,
@@ -28,6 +81,62 @@ impl Default for Wanet {
             cross_ratio: 2.0,
         }
     }
+}
+
+impl Settings for WanetSettings {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.s >= 0.0 && self.s.is_finite()) {
+            return Err(format!("s: {} must be a non-negative number", self.s));
+        }
+        if !(self.cross_ratio >= 0.0 && self.cross_ratio.is_finite()) {
+            return Err(format!(
+                "cross_ratio: {} must be a non-negative number",
+                self.cross_ratio
+            ));
+        }
+        if self.k < 2 {
+            return Err(format!("k: {} must be at least 2", self.k));
+        }
+        Ok(())
+    }
+}
+
+/// The `poison` step of WaNet.
+pub fn run(p: &PoisonParams, inputs: &PoisonInputs, out: &Path, _: &Device) -> Result<usize> {
+    super::run_poisoning(p, inputs, out, |tune, test| poisoned(p, tune, test))
+}
+
+/// WaNet's trigger: the warp with the seed's grid.
+pub fn trigger(p: &PoisonParams, size: usize, _: &TriggerFiles) -> Result<Trigger> {
+    let w: WanetSettings = p.attack.fields()?;
+    Ok(Trigger::Warp {
+        grid: w.grid(size, p.seed),
+    })
+}
+
+/// The warped poisoned sets, with noise mode: cross_ratio × #poisoned further tune images,
+/// warped with a noisy grid, keep their labels.
+pub fn poisoned(p: &PoisonParams, tune: &ImageSet, test: &ImageSet) -> Result<Poisoned> {
+    let w: WanetSettings = p.attack.fields()?;
+    let size = tune.size;
+    let grid = w.grid(size, p.seed);
+    let warp = Trigger::Warp { grid: grid.clone() };
+    let mut res = super::poison(p, tune, test, &warp, false);
+    let mut rest: Vec<usize> = (0..tune.len())
+        .filter(|i| res.indices.binary_search(i).is_err())
+        .collect();
+    rest.shuffle(&mut ChaCha8Rng::seed_from_u64(p.seed ^ 0x401CE));
+    let n = ((w.cross_ratio * res.indices.len() as f64).round() as usize).min(rest.len());
+    let mut noise_indices = rest[..n].to_vec();
+    noise_indices.sort_unstable();
+    for &i in &noise_indices {
+        let noisy = Trigger::Warp {
+            grid: WanetSettings::noisy(&grid, size, p.seed, i),
+        };
+        noisy.apply(res.tune.image_mut(i), size);
+    }
+    res.noise_indices = noise_indices;
+    Ok(res)
 }
 
 /// PyTorch's cubic convolution kernel (A = −0.75).
@@ -72,9 +181,9 @@ fn upsample(plane: &[f64], k: usize, size: usize) -> Vec<f64> {
     out
 }
 
-impl Wanet {
+impl WanetSettings {
     /// The warping grid (x, y per pixel, in [−1, 1]); noise mode adds per-image noise to it
-    /// with [`Wanet::noisy`].
+    /// with [`WanetSettings::noisy`].
     pub fn grid(&self, size: usize, seed: u64) -> Vec<[f32; 2]> {
         let k = self.k.max(2);
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x3A7E7);
@@ -152,7 +261,7 @@ mod tests {
 
     #[test]
     fn identity_grid_keeps_the_image() {
-        let w = Wanet {
+        let w = WanetSettings {
             s: 0.0,
             ..Default::default()
         };

@@ -5,7 +5,8 @@
 //! store and calls the kind's entry function, which does the computing. `run` is in no
 //! identity (nothing reaches it from a root), so keep arithmetic out of it. The `finetune`
 //! kind has one identity per registered defence (`finetune/<name>`, rooted at the
-//! defence's `run`; see `crate::defences`).
+//! defence's `run`; see `crate::defences`); the `poison` kind's identity is rooted at the
+//! `run` of every module in `crate::attacks::REGISTRY`.
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,8 @@ use crate::store::Store;
 pub struct KindDef {
     pub kind: Kind,
     /// The entry functions (paths from the crate root) whose code is this kind's
-    /// identity; empty for `finetune`, whose identities come from the defence registry.
+    /// identity; empty for `finetune` and `poison`, whose identities come from the defence
+    /// and attack registries.
     pub roots: &'static [&'static str],
     /// Runs a step of this kind.
     pub run: fn(&StepRun) -> Result<()>,
@@ -35,16 +37,12 @@ pub static KINDS: &[KindDef] = &[
     },
     KindDef {
         kind: Kind::Poison,
-        roots: &[
-            "attacks::run_poison_step",
-            "attacks::issba::run_issba_poison",
-            "attacks::cat::run_cat_poison",
-        ],
+        roots: &[],
         run: poison,
     },
     KindDef {
         kind: Kind::Stegastamp,
-        roots: &["attacks::issba::run_stegastamp_step"],
+        roots: &["attacks::issba::stegastamp::run_stegastamp_step"],
         run: stegastamp,
     },
     KindDef {
@@ -148,45 +146,29 @@ fn dataset(run: &StepRun) -> Result<()> {
 
 fn poison(run: &StepRun) -> Result<()> {
     let p: crate::attacks::PoisonParams = run.params()?;
-    let dataset = run.input("dataset")?;
-    let (out, dev) = (run.out, run.device);
-    let n = match &p.attack {
-        crate::attacks::AttackParams::Issba(_) => crate::attacks::issba::run_issba_poison(
-            &p,
-            &dataset,
-            &run.input("stegastamp")?,
-            out,
-            dev,
-        )?,
-        crate::attacks::AttackParams::Cat(c) => {
-            let st = crate::attacks::cat::run_cat_poison(
-                &p,
-                c,
-                &dataset,
-                &run.input("base")?,
-                &run.input("stage1")?,
-                out,
-                dev,
-            )?;
-            tracing::info!(
-                "    CAT objective {:.3} -> {:.3} (u8 {:.3}); gate-flagged {:.1}% -> {:.1}%; mean l2 {:.2}/255",
-                st.objective_before,
-                st.objective_after_pgd,
-                st.objective_after_u8,
-                st.flagged_before_pct,
-                st.flagged_after_pct,
-                st.l2_mean
-            );
-            st.perturbed
+    let name = p.attack.name();
+    let attack = crate::attacks::registered(name).ok_or_else(|| {
+        anyhow!(
+            "unknown attack '{name}' in a poison step (known: {})",
+            crate::attacks::names().join(", ")
+        )
+    })?;
+    let mut others = std::collections::BTreeMap::new();
+    for role in run.step.inputs.keys() {
+        if role != "dataset" {
+            others.insert(role.clone(), run.input(role)?);
         }
-        _ => {
-            let files = crate::attacks::TriggerFiles {
-                trigger: run.step.locators.get("trigger_file").cloned(),
-                mask: run.step.locators.get("mask_file").cloned(),
-            };
-            crate::attacks::run_poison_step(&p, &dataset, &files, out)?
-        }
+    }
+    let locators = &run.step.locators;
+    let inputs = crate::attacks::PoisonInputs {
+        dataset: run.input("dataset")?,
+        others,
+        files: crate::attacks::TriggerFiles {
+            trigger: locators.get("trigger_file").cloned(),
+            mask: locators.get("mask_file").cloned(),
+        },
     };
+    let n = attack.run(&p, &inputs, run.out, run.device)?;
     tracing::info!("    {} poisoned training images", n);
     Ok(())
 }

@@ -92,7 +92,7 @@ pub trait Defence: Sync {
     }
 }
 
-/// Settings of a defence, typed in its file.
+/// Settings of a defence (or of an attack, `crate::attacks`), typed in its file.
 pub trait Settings: Serialize + DeserializeOwned + Default {
     /// Checks ranges; the message names the field.
     fn validate(&self) -> Result<(), String>;

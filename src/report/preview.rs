@@ -1,5 +1,6 @@
 //! The attack preview figure (paper Figures 4/5): for every attack, a clean test image, its
-//! poisoned version and the amplified difference, labelled, as one PNG.
+//! poisoned version and the amplified difference, labelled, as one PNG. Each row is its
+//! attack's [`Attack::preview`](crate::attacks::Attack::preview).
 //!
 //! ISSBA and CAT have no fixed trigger: their rows need a trained encoder and a tuned f_p.
 //! The preview trains throwaway ones in-process, in seconds, on a pool of 320 images of
@@ -9,54 +10,17 @@
 //! scale's width tuned for 3 epochs on the pool poisoned by CAT's default base attack
 //! (badnets-white), then PGD with the paper's settings on the previewed image.
 
+use std::any::Any;
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use font8x8::legacy::BASIC_LEGACY;
 use image::{Rgb, RgbImage};
 
-use crate::attacks::{AttackParams, PoisonParams, TriggerFiles, build};
+use crate::attacks::{AttackParams, PoisonParams};
 use crate::data::{DatasetMeta, ImageSet};
-use crate::spec::{AttackDefaults, Scale};
-
-/// Default parameters of an attack by name (generated triggers).
-pub fn default_attack(name: &str) -> Result<AttackParams> {
-    let a = AttackDefaults::default();
-    Ok(match name {
-        "badnets-white" => AttackParams::BadnetsWhite(a.badnets_white),
-        "badnets-pattern" => AttackParams::BadnetsPattern(a.badnets_pattern),
-        "blended" => AttackParams::Blended {
-            alpha: a.blended.alpha,
-            trigger_digest: None,
-        },
-        "trojan-sq" => AttackParams::TrojanSq {
-            trigger_digest: None,
-        },
-        "trojan-wm" => AttackParams::TrojanWm {
-            trigger_digest: None,
-        },
-        "l0-inv" => AttackParams::L0Inv {
-            pixels: a.l0_inv.pixels,
-            trigger_digest: None,
-            mask_digest: None,
-        },
-        "l2-inv" => AttackParams::L2Inv {
-            l2_norm: a.l2_inv.l2_norm,
-            recipe: a.l2_inv.recipe,
-            trigger_digest: None,
-        },
-        "smooth" => AttackParams::Smooth {
-            max: a.smooth.max,
-            trigger_digest: None,
-        },
-        "sig" => AttackParams::Sig(a.sig),
-        "batt" => AttackParams::Batt(a.batt),
-        "wanet" => AttackParams::Wanet(a.wanet),
-        "issba" => AttackParams::Issba(a.issba),
-        "cat" => AttackParams::Cat(a.cat),
-        other => bail!("not implemented yet: attack {other}"),
-    })
-}
+use crate::spec::Scale;
 
 const CELL: u32 = 96;
 const LABEL_W: u32 = 8 * 16 + 8;
@@ -92,34 +56,18 @@ fn blit(canvas: &mut RgbImage, x0: u32, y0: u32, chw: &[u8], size: usize) {
     }
 }
 
-/// Makes the poisoned version of the previewed image for each attack; trains the
-/// throwaway encoder and f_p that ISSBA and CAT need on first use.
-pub struct Poisoner<'a> {
-    /// Clean images of the previewed dataset at the scale's size (training pool).
+/// What an attack's preview row draws on: clean images of the previewed dataset at the
+/// scale's size (a training pool for what ISSBA and CAT need), and the target class.
+pub struct Preview<'a> {
     pub pool: &'a ImageSet,
     pub meta: &'a DatasetMeta,
     pub scale: &'a Scale,
     pub target: usize,
-    stega: Option<(
-        crate::attacks::issba::StegaStamp,
-        crate::attacks::issba::StegaParams,
-    )>,
-    cat: Option<crate::attacks::cat::Attacker>,
 }
 
-impl<'a> Poisoner<'a> {
-    pub fn new(pool: &'a ImageSet, meta: &'a DatasetMeta, scale: &'a Scale, target: usize) -> Self {
-        Self {
-            pool,
-            meta,
-            scale,
-            target,
-            stega: None,
-            cat: None,
-        }
-    }
-
-    fn params(&self, attack: AttackParams) -> PoisonParams {
+impl Preview<'_> {
+    /// A preview's poison parameters for an attack.
+    pub fn params(&self, attack: AttackParams) -> PoisonParams {
         PoisonParams {
             attack,
             poison_rate: 0.1,
@@ -127,101 +75,54 @@ impl<'a> Poisoner<'a> {
             seed: 0,
         }
     }
+}
 
-    /// The poisoned version of `clean` under `name`.
-    pub fn poisoned(&mut self, name: &str, clean: &[u8]) -> Result<Vec<u8>> {
-        let size = self.pool.size;
-        let device = crate::default_device();
-        let mut one = ImageSet::new(size);
-        one.push(clean, 0);
-        match default_attack(name)? {
-            AttackParams::Issba(a) => {
-                if self.stega.is_none() {
-                    let sp = crate::attacks::issba::StegaParams::new(&a, self.scale, 0);
-                    let (m, _) = crate::attacks::issba::train(&sp, self.pool, &device)?;
-                    self.stega = Some((m, sp));
-                }
-                let (m, sp) = self.stega.as_ref().unwrap();
-                let bits = crate::attacks::issba::secret(sp.secret_len, sp.seed);
-                Ok(crate::attacks::issba::encode(m, sp, &one, &[0], &bits, &device).remove(0))
-            }
-            AttackParams::Cat(c) => {
-                let base = self.params(default_attack(&c.base)?);
-                let trigger = build(&base, size, &TriggerFiles::default())?;
-                if self.cat.is_none() {
-                    self.cat = Some(self.tune_fp(&base, &trigger, &c)?);
-                }
-                let mut x = clean.to_vec();
-                trigger.apply(&mut x, size);
-                let mut b = ImageSet::new(size);
-                b.push(&x, self.target as u16);
-                let base_set = crate::attacks::Poisoned {
-                    tune: b,
-                    indices: vec![0],
-                    noise_indices: Vec::new(),
-                    test: ImageSet::new(size),
-                };
-                let (r, _) =
-                    crate::attacks::cat::perturb(self.cat.as_ref().unwrap(), &c, &base_set)?;
-                Ok(r.tune.image(0).to_vec())
-            }
-            attack => {
-                let trigger = build(&self.params(attack), size, &TriggerFiles::default())?;
-                let mut x = clean.to_vec();
-                trigger.apply(&mut x, size);
-                Ok(x)
-            }
+/// What attacks' previews train once and reuse for every image (ISSBA's encoder, CAT's
+/// f_p), by name.
+#[derive(Default)]
+pub struct PreviewCache(BTreeMap<&'static str, Box<dyn Any>>);
+
+impl PreviewCache {
+    /// The value under `key`, made by `make` on first use.
+    pub fn cached<T: Any>(
+        &mut self,
+        key: &'static str,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<&T> {
+        if !self.0.contains_key(key) {
+            self.0.insert(key, Box::new(make()?));
+        }
+        self.0[key]
+            .downcast_ref()
+            .ok_or_else(|| anyhow!("preview cache: `{key}` holds another type"))
+    }
+}
+
+/// Makes the poisoned version of the previewed image for each attack (its
+/// [`Attack::preview`](crate::attacks::Attack::preview)).
+pub struct Poisoner<'a> {
+    pub cx: Preview<'a>,
+    cache: PreviewCache,
+}
+
+impl<'a> Poisoner<'a> {
+    pub fn new(pool: &'a ImageSet, meta: &'a DatasetMeta, scale: &'a Scale, target: usize) -> Self {
+        Self {
+            cx: Preview {
+                pool,
+                meta,
+                scale,
+                target,
+            },
+            cache: PreviewCache::default(),
         }
     }
 
-    fn tune_fp(
-        &self,
-        base: &PoisonParams,
-        trigger: &crate::attacks::Trigger,
-        c: &crate::attacks::cat::Cat,
-    ) -> Result<crate::attacks::cat::Attacker> {
-        let ad = crate::default_device().autodiff();
-        let poisoned =
-            crate::attacks::poison(base, self.pool, &ImageSet::new(self.pool.size), trigger);
-        let m = &self.scale.model;
-        let cfg = crate::models::VitConfig {
-            image_size: self.pool.size,
-            patch_size: m.patch_size,
-            dim: m.dim,
-            depth: 1,
-            heads: m.heads,
-            mlp_ratio: m.mlp_ratio,
-            num_classes: self.meta.num_classes(),
-        };
-        let epochs = 3;
-        let iters = crate::train::iters_per_epoch(poisoned.tune.len(), 32) * epochs;
-        let sup = crate::train::Supervised {
-            label: "preview f_p",
-            epochs,
-            batch_size: 32,
-            views: &[crate::train::View::NoAug],
-            lr: vec![1e-3; iters],
-            wd: vec![0.0; iters],
-            seed: 0,
-            keep_last: false,
-        };
-        let fp = crate::models::Vit::new(&cfg, 0, &ad);
-        let (fp, _) = crate::train::train_supervised(
-            fp,
-            &poisoned.tune,
-            self.meta,
-            &sup,
-            crate::train::LossKind::Ce,
-            &ad,
-        )?;
-        Ok(crate::attacks::cat::Attacker::new(
-            fp,
-            &poisoned.tune,
-            &poisoned.indices,
-            self.meta,
-            self.target,
-            c.gamma,
-        ))
+    /// The poisoned version of `clean` under `name`.
+    pub fn poisoned(&mut self, name: &str, clean: &[u8]) -> Result<Vec<u8>> {
+        let a = crate::attacks::registered(name)
+            .ok_or_else(|| anyhow!("not implemented yet: attack {name}"))?;
+        a.preview(&self.cx, &mut self.cache, clean)
     }
 }
 
@@ -339,23 +240,10 @@ pub fn render(
         bail!("--index {index}: not enough test images")
     };
     let attacks = if attacks.is_empty() {
-        let all: Vec<String> = crate::spec::ATTACKS
-            .iter()
-            .filter(|(_, a)| *a == crate::spec::Availability::Implemented)
-            .map(|(n, _)| n.to_string())
-            .collect();
-        let missing: Vec<&str> = crate::spec::ATTACKS
-            .iter()
-            .filter(|(_, a)| *a != crate::spec::Availability::Implemented)
-            .map(|(n, _)| *n)
-            .collect();
-        if !missing.is_empty() {
-            eprintln!(
-                "note: not implemented yet, not drawn: {}",
-                missing.join(", ")
-            );
-        }
-        all
+        crate::attacks::names()
+            .into_iter()
+            .map(String::from)
+            .collect()
     } else {
         attacks.to_vec()
     };

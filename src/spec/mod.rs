@@ -1,5 +1,5 @@
 //! Experiment specs: YAML → typed spec (here), scales (`scale.rs`), loading and `--only`
-//! (`load.rs`), validation (`validate.rs`), attack settings (`attacks.rs`).
+//! (`load.rs`), validation (`validate.rs`).
 //!
 //! A spec (`experiments/table3.yaml`, …) names a grid over dataset × attack × defence,
 //! shared defaults and the report layout. A scale (`experiments/scales.yaml`) sets every
@@ -13,10 +13,11 @@
 //! `{ path, heads, checkpoint_key }`) starts every model from an imported checkpoint
 //! instead of the `pretrain` step (`src/models/import.rs`).
 //!
-//! Defence settings are not typed here: `defaults.<defence>` and a variant's `<defence>:`
-//! are kept as YAML and checked by the defence itself (`src/defences`, its `Settings`).
+//! Defence and attack settings are not typed here: `defaults.<defence>` and a variant's
+//! `<defence>:`, `defaults.attacks.<attack>` and an attack variant's `attacks.<attack>:` are
+//! kept as YAML and checked by the defence or attack itself (`src/defences`,
+//! `src/attacks`, their `Settings`).
 
-pub mod attacks;
 pub mod load;
 pub mod names;
 pub mod plan;
@@ -31,9 +32,8 @@ use std::collections::BTreeMap;
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-pub use attacks::{AttackDefaults, BlendedSpec, FileSpec, L0Spec, L2Spec, SmoothSpec};
 pub use load::{LoadedSpec, parse_yaml};
-pub use names::{ATTACKS, Availability, DATASETS};
+pub use names::{Availability, DATASETS};
 pub use scale::*;
 
 /// The spec run when none is given: the synthetic dataset, so it needs no data on disk.
@@ -135,7 +135,9 @@ pub struct Defaults {
     /// the `pretrain` step): `pretrained: FILE` or `pretrained: { path: FILE, heads: H,
     /// checkpoint_key: K }`; FILE is relative to the spec file. See `src/models/import.rs`.
     pub pretrained: Option<Pretrained>,
-    pub attacks: AttackDefaults,
+    /// Each attack's settings by its name (`blended: { alpha: 0.3 }`), merged over the
+    /// attack's defaults and checked by the attack.
+    pub attacks: BTreeMap<String, serde_yaml_ng::Value>,
     /// Each defence's settings by its name (`ieu:`, `abl:`, …), checked by the defence;
     /// any other key is an error ([`DEFAULT_FIELDS`] lists the rest).
     #[serde(flatten)]
@@ -201,7 +203,7 @@ impl Default for Defaults {
             target: 1,
             model: "vit".into(),
             pretrained: None,
-            attacks: AttackDefaults::default(),
+            attacks: BTreeMap::new(),
             defences: BTreeMap::new(),
         }
     }
@@ -250,7 +252,7 @@ pub struct AttackVariant {
     /// Attack settings that differ from `defaults.attacks`, in the same shape
     /// (`{ l2-inv: { recipe: iid } }`); each named section's fields replace the defaults'.
     #[serde(default)]
-    pub attacks: serde_yaml_ng::Value,
+    pub attacks: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
 /// A dataset of the user's own (see `src/data/imagefolder.rs`).
@@ -315,13 +317,30 @@ impl Spec {
         crate::defences::ieu::IeuSettings::of(&self.defence_settings("ieu")?)
     }
 
-    /// The attack settings of a grid attack entry: `defaults.attacks` with the variant's
-    /// `attacks:` merged in (validated when the spec is loaded).
-    pub fn attacks_of(&self, attack: &str) -> Result<AttackDefaults> {
-        match self.attack_variants.get(attack) {
-            Some(v) => attacks::merged_attacks(&self.defaults.attacks, &v.attacks),
-            None => Ok(self.defaults.attacks.clone()),
+    /// The settings of attack `name` for a grid attack entry, as JSON: the attack's
+    /// defaults, with `defaults.attacks.<name>` and then the entry's variant's
+    /// `attacks.<name>` merged in. Checked by the attack when the spec is loaded.
+    pub fn attack_settings(&self, entry: &str, name: &str) -> Result<serde_json::Value> {
+        self.merged_attack_settings(name, self.attack_variants.get(entry).map(|v| (entry, v)))
+    }
+
+    /// [`Spec::attack_settings`] of `defaults.attacks` alone, or with a variant's.
+    pub(crate) fn merged_attack_settings(
+        &self,
+        name: &str,
+        variant: Option<(&str, &AttackVariant)>,
+    ) -> Result<serde_json::Value> {
+        let a =
+            crate::attacks::registered(name).ok_or_else(|| anyhow!("unknown attack '{name}'"))?;
+        let mut v = a.default_settings();
+        if let Some(o) = self.defaults.attacks.get(name) {
+            merge(&mut v, o).map_err(|e| anyhow!("field `defaults.attacks.{name}`: {e}"))?;
         }
+        if let Some((entry, o)) = variant.and_then(|(e, var)| Some((e, var.attacks.get(name)?))) {
+            merge(&mut v, o)
+                .map_err(|e| anyhow!("field `attack_variants.{entry}.attacks.{name}`: {e}"))?;
+        }
+        Ok(v)
     }
 
     /// The built-in attack behind a grid entry.

@@ -10,19 +10,21 @@
 //! With `defaults.pretrained: FILE` an `import` step (no inputs, shared by every dataset)
 //! takes the place of `pretrain`.
 //!
-//! Two attacks read other steps. ISSBA: dataset → stegastamp (its trained encoder) →
+//! Each attack plans its poison step (`plan/poison.rs`, through `crate::attacks::REGISTRY`),
+//! and two read other steps. ISSBA: dataset → stegastamp (its trained encoder) →
 //! poison(issba). CAT on a base attack: dataset → poison(base) → stage1 f_p (tuned on the
 //! base attack's data with the spec's IEU settings, as the defender would) → poison(cat);
 //! the poison(cat) step then feeds the defences like any other.
 
+pub mod poison;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
 
-use super::names::{Availability, axis_availability, cat_base};
+use super::names::{Availability, axis_availability};
 use super::{LoadedSpec, Scale};
-use crate::attacks::{AttackParams, PoisonParams};
 use crate::dag::{Cell, Kind, Plan, Step};
 use crate::data::DatasetParams;
 use crate::defences::{DefenceParams, FinetuneParams};
@@ -31,6 +33,7 @@ use crate::models::Arch;
 use crate::models::import::ImportParams;
 use crate::spec::BaselineRates;
 use crate::train::PretrainParams;
+pub use poison::{PoisonPlan, SpecFiles};
 
 /// Input roles and keys of a step.
 pub fn inputs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -249,7 +252,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             classes,
         };
         for attack in &g.attack {
-            let poison_key = poison_step(&mut plan, &ds, attack)?;
+            let poison_key = poison::poison_step(&mut plan, &ds, attack)?;
             for defence in &g.defence {
                 let arch = s.model_of(defence);
                 arch.check(scale.image_size, scale.model.patch_size)
@@ -379,126 +382,6 @@ impl CellPlan<'_> {
     }
 }
 
-/// The poison step of a grid attack entry (and the steps it reads); returns its key.
-fn poison_step(plan: &mut Plan, ctx: &DatasetPlan, attack: &str) -> Result<String> {
-    let s = &ctx.spec.spec;
-    let d = &s.defaults;
-    let variant = s.attack_variants.get(attack);
-    let rate = variant.and_then(|v| v.poison_rate).unwrap_or(d.poison_rate);
-    let target = variant.and_then(|v| v.target).unwrap_or(d.target);
-    if target >= ctx.classes {
-        let field = match variant.and_then(|v| v.target) {
-            Some(_) => format!("attack_variants.{attack}.target"),
-            None => "defaults.target".to_string(),
-        };
-        bail!(
-            "{}: field `{field}`: target class {target} does not exist in dataset {} ({} classes, 0..{})",
-            ctx.spec.origin,
-            ctx.dataset,
-            ctx.classes,
-            ctx.classes - 1
-        );
-    }
-    let settings = s.attacks_of(attack)?;
-    let at = if variant.is_some() {
-        format!("attack_variants.{attack}.attacks")
-    } else {
-        "defaults.attacks".to_string()
-    };
-    let a = Settings {
-        attacks: &settings,
-        at: &at,
-    };
-    poison_step_of(plan, ctx, &a, attack, s.attack_base(attack), rate, target)
-}
-
-/// The attack settings of one grid entry and their field path in the spec (for errors).
-struct Settings<'a> {
-    attacks: &'a crate::spec::AttackDefaults,
-    at: &'a str,
-}
-
-/// The poison step of a built-in attack `name` at a poisoning rate and target, labelled
-/// with the grid entry `entry`.
-fn poison_step_of(
-    plan: &mut Plan,
-    ctx: &DatasetPlan,
-    a: &Settings,
-    entry: &str,
-    name: &str,
-    rate: f64,
-    target: usize,
-) -> Result<String> {
-    let d = &ctx.spec.spec.defaults;
-    let dataset = ctx.dataset;
-    let params = |attack| PoisonParams {
-        attack,
-        poison_rate: rate,
-        target,
-        seed: d.seed,
-    };
-    let label = format!("poison {dataset}/{entry}");
-    if name == "cat" || cat_base(name).is_some() {
-        // CAT (Appendix D): the base attack's data, an f_p tuned on it as the defender
-        // would (the spec's IEU settings), then PGD against that f_p.
-        let base = cat_base(name).unwrap_or(&a.attacks.cat.base);
-        let base_key = poison_step_of(plan, ctx, a, base, base, rate, target)?;
-        let ieu = ctx
-            .spec
-            .spec
-            .ieu_defaults()
-            .map_err(|e| anyhow!("{}: {e}", ctx.spec.origin))?;
-        let fp_key = crate::defences::ieu::plan_stage1(
-            plan,
-            ctx,
-            &ieu,
-            &format!("attack {entry}"),
-            base,
-            &base_key,
-        )?;
-        let cat = crate::attacks::cat::Cat {
-            base: base.to_string(),
-            ..a.attacks.cat.clone()
-        };
-        return Ok(plan.add(Step::new(
-            Kind::Poison,
-            label,
-            &params(AttackParams::Cat(cat)),
-            inputs(&[
-                ("dataset", ctx.data_key),
-                ("base", &base_key),
-                ("stage1", &fp_key),
-            ]),
-        )?));
-    }
-    if name == "issba" {
-        let sp = crate::attacks::issba::StegaParams::new(&a.attacks.issba, ctx.scale, d.seed);
-        let stega_key = plan.add(Step::new(
-            Kind::Stegastamp,
-            format!("stegastamp {dataset}"),
-            &sp,
-            inputs(&[("dataset", ctx.data_key)]),
-        )?);
-        return Ok(plan.add(Step::new(
-            Kind::Poison,
-            label,
-            &params(AttackParams::Issba(a.attacks.issba.clone())),
-            inputs(&[("dataset", ctx.data_key), ("stegastamp", &stega_key)]),
-        )?));
-    }
-    let (attack_params, locators) = attack_params(ctx.spec, a, name)?;
-    let mut step = Step::new(
-        Kind::Poison,
-        label,
-        &params(attack_params),
-        inputs(&[("dataset", ctx.data_key)]),
-    )?;
-    for (name, path) in locators {
-        step = step.with_locator(name, path);
-    }
-    Ok(plan.add(step))
-}
-
 /// The `import` step of `defaults.pretrained`, if the spec names a checkpoint. It has no
 /// inputs, so every dataset shares it; its key hashes the file's content digest.
 fn import_step(spec: &LoadedSpec, scale: &Scale) -> Result<Option<Step>> {
@@ -537,100 +420,6 @@ fn import_step(spec: &LoadedSpec, scale: &Scale) -> Result<Option<Step>> {
         )?
         .with_locator("checkpoint", path),
     ))
-}
-
-/// A trigger file named by the spec: its path and content digest.
-fn spec_file(
-    spec: &LoadedSpec,
-    field: &str,
-    file: &Option<String>,
-) -> Result<Option<(PathBuf, String)>> {
-    let Some(f) = file else { return Ok(None) };
-    let path = spec.dir.join(f);
-    if !path.is_file() {
-        bail!(
-            "{}: field `{field}`: {} does not exist",
-            spec.origin,
-            path.display()
-        );
-    }
-    let digest = crate::store::stat_cache::digest(&path)?;
-    Ok(Some((path, digest)))
-}
-
-/// The attack's step parameters and the files it reads (as step locators).
-fn attack_params(
-    spec: &LoadedSpec,
-    settings: &Settings,
-    attack: &str,
-) -> Result<(AttackParams, Vec<(&'static str, PathBuf)>)> {
-    let a = settings.attacks;
-    let mut files = Vec::new();
-    let mut file =
-        |field: &str, role: &'static str, f: &Option<String>| -> Result<Option<String>> {
-            let field = format!("{}.{field}", settings.at);
-            Ok(spec_file(spec, &field, f)?.map(|(path, digest)| {
-                files.push((role, path));
-                digest
-            }))
-        };
-    let p = match attack {
-        "badnets-white" => AttackParams::BadnetsWhite(a.badnets_white.clone()),
-        "badnets-pattern" => AttackParams::BadnetsPattern(a.badnets_pattern.clone()),
-        "blended" => AttackParams::Blended {
-            alpha: a.blended.alpha,
-            trigger_digest: file(
-                "blended.trigger_file",
-                "trigger_file",
-                &a.blended.trigger_file,
-            )?,
-        },
-        "trojan-sq" => AttackParams::TrojanSq {
-            trigger_digest: file(
-                "trojan-sq.trigger_file",
-                "trigger_file",
-                &a.trojan_sq.trigger_file,
-            )?,
-        },
-        "trojan-wm" => AttackParams::TrojanWm {
-            trigger_digest: file(
-                "trojan-wm.trigger_file",
-                "trigger_file",
-                &a.trojan_wm.trigger_file,
-            )?,
-        },
-        "l0-inv" => AttackParams::L0Inv {
-            pixels: a.l0_inv.pixels,
-            trigger_digest: file(
-                "l0-inv.trigger_file",
-                "trigger_file",
-                &a.l0_inv.trigger_file,
-            )?,
-            mask_digest: file("l0-inv.mask_file", "mask_file", &a.l0_inv.mask_file)?,
-        },
-        "l2-inv" => AttackParams::L2Inv {
-            l2_norm: a.l2_inv.l2_norm,
-            recipe: a.l2_inv.recipe,
-            trigger_digest: file(
-                "l2-inv.trigger_file",
-                "trigger_file",
-                &a.l2_inv.trigger_file,
-            )?,
-        },
-        "smooth" => AttackParams::Smooth {
-            max: a.smooth.max,
-            trigger_digest: file(
-                "smooth.trigger_file",
-                "trigger_file",
-                &a.smooth.trigger_file,
-            )?,
-        },
-        "sig" => AttackParams::Sig(a.sig.clone()),
-        "batt" => AttackParams::Batt(a.batt.clone()),
-        "wanet" => AttackParams::Wanet(a.wanet.clone()),
-        other => bail!("not implemented yet: attack {other}"),
-    };
-    Ok((p, files))
 }
 
 #[cfg(test)]

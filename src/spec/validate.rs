@@ -1,10 +1,10 @@
 //! Validation of a parsed spec: every name, range and cross-reference, with errors naming
-//! the file and the field. Defence settings are checked by their defences.
+//! the file and the field. Defence and attack settings are checked by their defences and
+//! attacks.
 
 use anyhow::{Result, anyhow, bail};
 
-use super::attacks::{check_attacks, merged_attacks};
-use super::{ATTACKS, DATASETS, DEFAULT_FIELDS, METRICS, Spec, names};
+use super::{AttackVariant, DATASETS, DEFAULT_FIELDS, METRICS, Spec, names};
 
 /// Every key of `defaults:` is a known field or a registered defence with settings.
 fn check_defaults_keys(spec: &Spec, file: &str) -> Result<()> {
@@ -47,13 +47,61 @@ fn check_settings(spec: &Spec, file: &str, entry: &str, at: &str) -> Result<()> 
     if v.is_null() {
         return Ok(());
     }
-    d.check(&v).map_err(|e| {
-        // "c_thresh: 1.5 is not in (0, 1)" names a field inside the settings.
-        match e.split_once(": ") {
-            Some((field, msg)) if is_field(field) => anyhow!("{file}: field `{at}.{field}`: {msg}"),
-            _ => anyhow!("{file}: field `{at}`: {e}"),
+    d.check(&v).map_err(|e| field_error(file, at, &e))
+}
+
+/// An error of settings at `at`: "c_thresh: 1.5 is not in (0, 1)" names a field inside
+/// them.
+fn field_error(file: &str, at: &str, e: &str) -> anyhow::Error {
+    match e.split_once(": ") {
+        Some((field, msg)) if is_field(field) => anyhow!("{file}: field `{at}.{field}`: {msg}"),
+        _ => anyhow!("{file}: field `{at}`: {e}"),
+    }
+}
+
+/// Every section of attack settings (`defaults.attacks`, a variant's `attacks:`; `at`)
+/// names a registered attack.
+fn check_attack_sections<'a>(
+    file: &str,
+    at: &str,
+    sections: impl IntoIterator<Item = &'a String>,
+) -> Result<()> {
+    for key in sections {
+        if crate::attacks::registered(key).is_none() {
+            bail!(
+                "{file}: field `{at}`: unknown attack section '{key}' (known: {})",
+                crate::attacks::names().join(", ")
+            );
         }
-    })
+    }
+    Ok(())
+}
+
+/// Checks the merged settings of attack `name` (with a variant's, if given); `at` is where
+/// the spec sets them.
+fn check_attack(
+    spec: &Spec,
+    file: &str,
+    name: &str,
+    variant: Option<(&str, &AttackVariant)>,
+    at: &str,
+) -> Result<()> {
+    let Some(a) = crate::attacks::registered(name) else {
+        return Ok(());
+    };
+    let v = spec
+        .merged_attack_settings(name, variant)
+        .map_err(|e| anyhow!("{file}: {e}"))?;
+    a.check(&v).map_err(|e| field_error(file, at, &e))
+}
+
+/// `, cat+<attack>` for every attack that takes a base.
+fn with_base() -> String {
+    crate::attacks::REGISTRY
+        .iter()
+        .filter(|a| a.takes_base())
+        .map(|a| format!(", {}+<attack>", a.name()))
+        .collect()
 }
 
 fn is_field(s: &str) -> bool {
@@ -105,12 +153,17 @@ pub(super) fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
     }
     crate::models::Arch::parse(&d.model)
         .map_err(|e| anyhow!("{file}: field `defaults.model`: {e}"))?;
-    check_attacks(file, "defaults.attacks", &d.attacks)?;
+    check_attack_sections(file, "defaults.attacks", d.attacks.keys())?;
+    for a in crate::attacks::REGISTRY {
+        let at = format!("defaults.attacks.{}", a.name());
+        check_attack(spec, file, a.name(), None, &at)?;
+    }
     let defences = crate::defences::names();
+    let attacks = crate::attacks::names();
     let table = |axis: &str| -> Vec<&str> {
         match axis {
             "dataset" => DATASETS.iter().map(|(n, _)| *n).collect(),
-            "attack" => ATTACKS.iter().map(|(n, _)| *n).collect(),
+            "attack" => attacks.clone(),
             _ => defences.clone(),
         }
     };
@@ -129,9 +182,9 @@ pub(super) fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
             }
             if names::axis_availability(axis, v).is_none() {
                 let also = if axis == "attack" {
-                    ", cat+<attack>"
+                    with_base()
                 } else {
-                    ""
+                    String::new()
                 };
                 bail!(
                     "{file}: field `grid.{axis}[{i}]`: unknown {axis} '{v}' (known: {}{also})",
@@ -145,18 +198,15 @@ pub(super) fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
     }
     for (name, v) in &spec.attack_variants {
         let at = format!("attack_variants.{name}");
-        if ATTACKS.iter().any(|(n, _)| n == name) {
+        if crate::attacks::registered(name).is_some() {
             bail!("{file}: field `{at}`: a variant cannot reuse the built-in attack name '{name}'");
         }
         if names::axis_availability("attack", &v.base).is_none() {
             bail!(
-                "{file}: field `{at}.base`: unknown attack '{}' (known: {}, cat+<attack>)",
+                "{file}: field `{at}.base`: unknown attack '{}' (known: {}{})",
                 v.base,
-                ATTACKS
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                attacks.join(", "),
+                with_base()
             );
         }
         if let Some(r) = v.poison_rate
@@ -164,18 +214,11 @@ pub(super) fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
         {
             bail!("{file}: field `{at}.poison_rate`: {r} is not in [0, 1)");
         }
-        let merged = merged_attacks(&d.attacks, &v.attacks)
-            .map_err(|e| anyhow!("{file}: field `{at}.attacks`: {e}"))?;
-        check_attacks(file, &format!("{at}.attacks"), &merged)?;
-    }
-    let cat_base = &d.attacks.cat.base;
-    if cat_base == "cat"
-        || names::cat_base(cat_base).is_some()
-        || names::availability(ATTACKS, cat_base).is_none()
-    {
-        bail!(
-            "{file}: field `defaults.attacks.cat.base`: '{cat_base}' is not an attack CAT can perturb"
-        );
+        check_attack_sections(file, &format!("{at}.attacks"), v.attacks.keys())?;
+        for section in v.attacks.keys() {
+            let field = format!("{at}.attacks.{section}");
+            check_attack(spec, file, section, Some((name, v)), &field)?;
+        }
     }
     for (name, entry) in &spec.datasets {
         if DATASETS.iter().any(|(n, _)| n == name) {

@@ -1,10 +1,11 @@
+use super::stegastamp::{bits_tensor, images01};
 use super::*;
 use crate::attacks::{AttackParams, PoisonParams};
 
 fn smoke_params() -> StegaParams {
     let scale =
         crate::spec::load_scale(crate::spec::DEFAULT_SCALES, "scales.yaml", "smoke").unwrap();
-    StegaParams::new(&Issba::default(), &scale, 0)
+    StegaParams::new(&IssbaSettings::default(), &scale, 0)
 }
 
 #[test]
@@ -59,7 +60,7 @@ fn stegastamp_step_trains_at_smoke_size_and_poisons_sample_specifically() {
     let (model, sp) = load(&out, &device).unwrap();
     assert_eq!(sp, p);
     let pp = PoisonParams {
-        attack: AttackParams::Issba(Issba::default()),
+        attack: AttackParams::new("issba", &IssbaSettings::default()).unwrap(),
         poison_rate: 0.1,
         target: 1,
         seed: 3,

@@ -78,9 +78,9 @@ report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
 "#;
     let dir = tempfile::tempdir().unwrap();
     let spec = LoadedSpec::from_str(text, "t.yaml", dir.path().to_path_buf()).unwrap();
-    let a = spec.spec.attacks_of("l2-iid").unwrap();
-    assert_eq!(a.l2_inv.recipe, crate::attacks::invisible_l2::Recipe::Iid);
-    assert_eq!(a.l2_inv.l2_norm, 2.5, "other fields keep the defaults");
+    let a = spec.spec.attack_settings("l2-iid", "l2-inv").unwrap();
+    assert_eq!(a["recipe"], "iid");
+    assert_eq!(a["l2_norm"], 2.5, "other fields keep the defaults");
     let scale = spec.scale("smoke").unwrap();
     let p = plan(&spec, &scale, None).unwrap();
     let key = |label: &str| {
@@ -256,4 +256,43 @@ fn pretrained_checkpoint_replaces_pretrain_with_an_import_step() {
     let spec = LoadedSpec::from_str(&deep, "t.yaml", dir.path().to_path_buf()).unwrap();
     let e = plan(&spec, &scale, None).unwrap_err().to_string();
     assert!(e.contains("f_p depth 3 exceeds the 2-block"), "{e}");
+}
+
+#[test]
+fn trigger_files_enter_the_poison_step_as_digests_and_locators() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("key.png");
+    image::RgbImage::from_pixel(4, 4, image::Rgb([9, 8, 7]))
+        .save(&png)
+        .unwrap();
+    let text = "name: t\ntitle: T\ndefaults: { attacks: { blended: { trigger_file: key.png } } }\n\
+        grid: { dataset: [synthetic], attack: [blended, cat+blended], defence: [none] }\n\
+        report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }\n";
+    let spec = LoadedSpec::from_str(text, "t.yaml", dir.path().to_path_buf()).unwrap();
+    let scale = spec.scale("smoke").unwrap();
+    let p = plan(&spec, &scale, None).unwrap();
+    let step = p
+        .steps
+        .iter()
+        .find(|s| s.label == "poison synthetic/blended")
+        .unwrap();
+    let digest = crate::store::stat_cache::digest(&png).unwrap();
+    assert_eq!(step.params["attack"]["trigger_digest"], digest.as_str());
+    assert_eq!(step.params["attack"]["alpha"], 0.4);
+    assert_eq!(step.locators["trigger_file"], png);
+    // CAT's base is the same step; the CAT step reads it and an f_p tuned on it.
+    let cat = p
+        .steps
+        .iter()
+        .find(|s| s.label == "poison synthetic/cat+blended")
+        .unwrap();
+    assert_eq!(cat.params["attack"]["base"], "blended");
+    assert_eq!(cat.inputs["base"], step.key);
+    assert!(cat.locators.is_empty());
+    std::fs::remove_file(&png).unwrap();
+    let e = plan(&spec, &scale, None).unwrap_err().to_string();
+    assert!(
+        e.contains("t.yaml") && e.contains("defaults.attacks.blended.trigger_file"),
+        "{e}"
+    );
 }
