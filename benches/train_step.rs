@@ -1,5 +1,5 @@
-//! Training-step throughput (images/s) of the smoke- and cpu-scale ViTs: the baseline for
-//! speed work. Run with `cargo bench`.
+//! Training-step and inference throughput (images/s) of the smoke- and cpu-scale ViTs, on
+//! one thread and on every core: the baseline for speed work. Run with `cargo bench`.
 
 fn main() {
     for name in ["smoke", "cpu"] {
@@ -9,9 +9,23 @@ fn main() {
             name,
         )
         .expect("embedded scales parse");
-        match ieu_bench::train::bench::train_throughput(&scale, 10) {
-            Ok(r) => println!("{name:>6}: {r}"),
-            Err(e) => eprintln!("{name}: {e:#}"),
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for threads in [1, cores] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            pool.install(|| {
+                for r in [
+                    ieu_bench::train::bench::train_throughput(&scale, 10),
+                    ieu_bench::train::bench::inference_throughput(&scale, 10),
+                ] {
+                    match r {
+                        Ok(r) => println!("{name:>6}: {r}"),
+                        Err(e) => eprintln!("{name}: {e:#}"),
+                    }
+                }
+            });
         }
     }
 }

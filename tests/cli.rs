@@ -30,6 +30,33 @@ fn stderr_of(c: &mut Command) -> String {
     String::from_utf8(out.stderr).unwrap()
 }
 
+/// Writes a `scales.yaml` into `dir` whose smoke scale has the embedded one's shapes with
+/// fewer images and epochs: for tests that check plumbing (every architecture, every
+/// ablation spec runs), not learning.
+fn quick_smoke_scales(dir: &Path) {
+    let scales = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/scales.yaml"),
+    )
+    .unwrap();
+    let mut quick = scales.clone();
+    for (from, to) in [
+        (
+            "data: { pretrain: 1280, tune: 1280, test: 320 }",
+            "data: { pretrain: 320, tune: 320, test: 160 }",
+        ),
+        (
+            "pretrain: { view: flip, epochs: 20,",
+            "pretrain: { view: flip, epochs: 2,",
+        ),
+        ("stage1: { epochs: 15,", "stage1: { epochs: 2,"),
+        ("finetune: { epochs: 15,", "finetune: { epochs: 2,"),
+    ] {
+        assert!(quick.contains(from), "smoke scale has no {from:?}");
+        quick = quick.replacen(from, to, 1);
+    }
+    std::fs::write(dir.join("scales.yaml"), quick).unwrap();
+}
+
 fn shared_data() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     p.join("cifar-10-batches-bin/data_batch_1.bin")
@@ -315,6 +342,7 @@ fn every_attack_runs_end_to_end_at_smoke_scale() {
     // The Table 3 attacks plus WaNet (Table 10's shape) through the whole DAG on the
     // synthetic dataset: poison, no defence and IEU, metrics.
     let dir = tempfile::tempdir().unwrap();
+    quick_smoke_scales(dir.path());
     let spec = dir.path().join("attacks.yaml");
     std::fs::write(
         &spec,
@@ -395,6 +423,7 @@ fn preview_draws_every_attack() {
 fn ablation_specs_run_at_smoke_scale() {
     // Tables 4, 6, 7, 9, 14 and 15 on the synthetic dataset (their datasets swapped), one attack.
     let dir = tempfile::tempdir().unwrap();
+    quick_smoke_scales(dir.path());
     for table in ["table4", "table6", "table7", "table9", "table14", "table15"] {
         let text = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("experiments/{table}.yaml")),
@@ -402,7 +431,8 @@ fn ablation_specs_run_at_smoke_scale() {
         .unwrap();
         let text = text
             .replace("[cifar10, tinyimagenet]", "[synthetic]")
-            .replace("[cifar10]", "[synthetic]");
+            .replace("[cifar10]", "[synthetic]")
+            .replace("{ dataset: cifar10,", "{ dataset: synthetic,");
         let spec = dir.path().join(format!("{table}.yaml"));
         std::fs::write(&spec, text).unwrap();
         let out = stdout(
@@ -450,7 +480,8 @@ fn synthetic_copy(table: &str, dir: &Path) -> PathBuf {
     .unwrap()
     .replace("[cifar10, gtsrb, tinyimagenet]", "[synthetic]")
     .replace("[cifar10, tinyimagenet]", "[synthetic]")
-    .replace("[cifar10]", "[synthetic]");
+    .replace("[cifar10]", "[synthetic]")
+    .replace("{ dataset: cifar10,", "{ dataset: synthetic,");
     let spec = dir.join(format!("{table}.yaml"));
     std::fs::write(&spec, text).unwrap();
     spec
@@ -850,6 +881,7 @@ fn table8_runs_other_architectures_at_smoke_scale() {
     .replace("dataset: [cifar10]", "dataset: [synthetic]");
     let spec = dir.path().join("table8.yaml");
     std::fs::write(&spec, text).unwrap();
+    quick_smoke_scales(dir.path());
     let out = stdout(
         bin()
             .arg("run")

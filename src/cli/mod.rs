@@ -43,6 +43,10 @@ pub struct Common {
     /// depend on it.
     #[arg(long, env = "IEU_JOBS")]
     pub jobs: Option<usize>,
+    /// CPU threads the running steps share (default: the number of cores). A step that
+    /// runs alone uses all of them; when several are ready they split them evenly.
+    #[arg(long, env = "IEU_THREADS")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -336,6 +340,9 @@ pub enum Command {
         /// Timed training steps (after two warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// CPU threads of the timed step (default: 1).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
 }
 
@@ -427,6 +434,10 @@ pub fn main(cli: Cli) -> Result<()> {
             attacks,
             index,
         } => tools::preview(out, dataset, data_dir, scale, attacks, index),
-        Command::Bench { scale, steps } => tools::bench(scale, steps),
+        Command::Bench {
+            scale,
+            steps,
+            threads,
+        } => tools::bench(scale, steps, threads),
     }
 }

@@ -101,7 +101,8 @@ pub(super) fn run(
         return run_on_slurm(&common, &plan, &store, &slurm);
     }
     let jobs = common.jobs.unwrap_or_else(crate::default_jobs);
-    let exec = Executor::new(store.clone(), common.data_dir.clone(), jobs);
+    let exec = Executor::new(store.clone(), common.data_dir.clone(), jobs)
+        .with_threads(common.threads.unwrap_or_else(crate::default_jobs));
     let summary = exec.run(&plan)?;
     let mut df = crate::report::collect(&plan, &store)?;
     println!("{}", crate::report::to_csv(&mut df)?.trim_end());

@@ -107,13 +107,23 @@ pub(super) fn preview(
 }
 
 /// `ieu-bench bench`.
-pub(super) fn bench(scale: String, steps: usize) -> Result<()> {
+pub(super) fn bench(scale: String, steps: usize, threads: usize) -> Result<()> {
     let scale = crate::spec::load_scale(
         crate::spec::DEFAULT_SCALES,
         "<embedded experiments/scales.yaml>",
         &scale,
     )?;
-    let r = crate::train::bench::train_throughput(&scale, steps)?;
-    println!("{r}");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+    let (train, infer) = pool.install(|| -> Result<_> {
+        Ok((
+            crate::train::bench::train_throughput(&scale, steps)?,
+            crate::train::bench::inference_throughput(&scale, steps)?,
+        ))
+    })?;
+    println!("{train}");
+    println!("{infer}");
     Ok(())
 }

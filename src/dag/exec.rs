@@ -29,6 +29,10 @@ pub struct Executor {
     store: Store,
     data_dir: Option<PathBuf>,
     jobs: usize,
+    /// Threads shared by the steps that run at once (each step's CPU kernels run on a
+    /// rayon pool of its share: all of them when it runs alone, one each when `jobs`
+    /// steps are ready).
+    threads: usize,
 }
 
 #[derive(Debug, Default)]
@@ -140,7 +144,20 @@ impl Executor {
             store,
             data_dir,
             jobs: jobs.max(1),
+            threads: crate::default_jobs(),
         }
+    }
+
+    /// Sets the thread budget the running steps share (default: one per core).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// Threads for a step that starts while `busy` steps (itself included) run or are
+    /// ready to: an even share of the budget among at most `jobs` of them.
+    pub fn threads_for(&self, busy: usize) -> usize {
+        (self.threads / busy.clamp(1, self.jobs)).max(1)
     }
 
     /// Checks the stored objects this run will read; quarantines damaged ones (they are then
@@ -289,7 +306,7 @@ impl Executor {
     ) {
         let device = crate::default_device();
         loop {
-            let (step, lock) = {
+            let (step, lock, threads) = {
                 let mut st = sched.lock().unwrap();
                 loop {
                     Self::prune(&mut st);
@@ -341,7 +358,12 @@ impl Executor {
                             continue;
                         }
                         st.running += 1;
-                        break (s, lock);
+                        let ready = st
+                            .pending
+                            .iter()
+                            .filter(|p| p.inputs.values().all(|k| self.store.contains(k)))
+                            .count();
+                        break (s, lock, self.threads_for(st.running + ready));
                     }
                     if st.running == 0 && !held_elsewhere {
                         // Nothing runs here or elsewhere, and no pending step is ready.
@@ -374,10 +396,21 @@ impl Executor {
                 let st = sched.lock().unwrap();
                 st.ran + st.reused + st.failed.len() + st.running
             };
-            tracing::info!("[{n}/{total}] {} ({})", step.label, step.short());
+            tracing::info!(
+                "[{n}/{total}] {} ({}) on {threads} thread{}",
+                step.label,
+                step.short(),
+                if threads == 1 { "" } else { "s" }
+            );
             IN_STEP.with(|s| *s.borrow_mut() = Some(String::new()));
-            let res =
-                std::panic::catch_unwind(AssertUnwindSafe(|| self.execute(step, &device, &lock)));
+            let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("ieu-step-{i}"))
+                    .build()
+                    .map_err(|e| anyhow!("cannot start {threads} threads for the step: {e}"))?;
+                pool.install(|| self.execute(step, &device, &lock))
+            }));
             let at = IN_STEP.with(|s| s.borrow_mut().take()).unwrap_or_default();
             drop(lock);
             let res = match res {

@@ -11,6 +11,8 @@ use crate::spec::Scale;
 use crate::train::{Optimiser, View, cross_entropy, labels, rng_for, views};
 
 pub struct BenchResult {
+    /// "train-step" or "inference".
+    pub what: &'static str,
     pub backend: &'static str,
     pub image_size: usize,
     pub batch: usize,
@@ -18,6 +20,8 @@ pub struct BenchResult {
     pub steps: usize,
     pub seconds: f64,
     pub params: usize,
+    /// Threads of the rayon pool it ran in.
+    pub threads: usize,
 }
 
 impl std::fmt::Display for BenchResult {
@@ -25,27 +29,24 @@ impl std::fmt::Display for BenchResult {
         let ips = (self.rows_per_step * self.steps) as f64 / self.seconds;
         write!(
             f,
-            "train-step throughput: {ips:.1} images/s ({} steps of {} rows, {}x{} px, {} params, backend {}; {:.3}s/step)",
+            "{} throughput: {ips:.1} images/s ({} steps of {} rows, {}x{} px, {} params, backend {}, {} thread{}; {:.3}s/step)",
+            self.what,
             self.steps,
             self.rows_per_step,
             self.image_size,
             self.image_size,
             self.params,
             self.backend,
+            self.threads,
+            if self.threads == 1 { "" } else { "s" },
             self.seconds / self.steps as f64
         )
     }
 }
 
-/// Times forward + backward + AdamW step of the scale's f_r on its finetuning views
-/// (one row per image and view), after two warm-up steps.
-pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
-    if steps == 0 {
-        anyhow::bail!("--steps 0: give at least one timed step");
-    }
-    let device = crate::default_device();
-    let ad = device.clone().autodiff();
-    let raw = synthetic::generate(0, scale.batch_size, 0, scale.image_size);
+/// `n` generated images, their metadata and the scale's ViT with a 10-class head.
+fn setup(scale: &Scale, n: usize) -> (crate::data::RawSplits, DatasetMeta, VitConfig) {
+    let raw = synthetic::generate(0, n, 0, scale.image_size);
     let meta = DatasetMeta {
         name: "synthetic".into(),
         classes: raw.classes.clone(),
@@ -65,6 +66,18 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
         mlp_ratio: scale.model.mlp_ratio,
         num_classes: 10,
     };
+    (raw, meta, cfg)
+}
+
+/// Times forward + backward + AdamW step of the scale's f_r on its finetuning views
+/// (one row per image and view), after two warm-up steps.
+pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
+    if steps == 0 {
+        anyhow::bail!("--steps 0: give at least one timed step");
+    }
+    let device = crate::default_device();
+    let ad = device.clone().autodiff();
+    let (raw, meta, cfg) = setup(scale, scale.batch_size);
     let mut model = Vit::new(&cfg, 0, &ad);
     let params = model.num_params();
     let mut optim = Optimiser::adamw();
@@ -95,6 +108,7 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
         }
     }
     Ok(BenchResult {
+        what: "train-step",
         backend: crate::backend_name(),
         image_size: scale.image_size,
         batch: scale.batch_size,
@@ -102,5 +116,38 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
         steps,
         seconds,
         params,
+        threads: rayon::current_num_threads(),
+    })
+}
+
+/// Times the forward pass without autodiff on `eval_batch_size` unaugmented images (what
+/// the gate and evaluation run), through the inference helper, after two warm-up passes.
+pub fn inference_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
+    if steps == 0 {
+        anyhow::bail!("--steps 0: give at least one timed step");
+    }
+    let device = crate::default_device();
+    let (raw, meta, cfg) = setup(scale, scale.eval_batch_size);
+    let model = Vit::new(&cfg, 0, &device);
+    let params = model.num_params();
+    let mut seconds = 0.0;
+    for s in 0..steps + 2 {
+        let t0 = Instant::now();
+        let l = crate::train::logits(&model, &raw.train, &meta, scale.eval_batch_size, &device);
+        assert_eq!(l.len(), raw.train.len());
+        if s >= 2 {
+            seconds += t0.elapsed().as_secs_f64();
+        }
+    }
+    Ok(BenchResult {
+        what: "inference",
+        backend: crate::backend_name(),
+        image_size: scale.image_size,
+        batch: scale.eval_batch_size,
+        rows_per_step: scale.eval_batch_size,
+        steps,
+        seconds,
+        params,
+        threads: rayon::current_num_threads(),
     })
 }
