@@ -62,6 +62,11 @@ pub struct Spec {
     /// `mydata: { format: imagefolder, path: DIR }`.
     #[serde(default)]
     pub datasets: BTreeMap<String, DatasetEntry>,
+    /// Defence settings for one dataset, over `defaults.<defence>` (a variant's own
+    /// settings still come last): `per_dataset: { gtsrb: { ieu: { c_thresh: 0.9 } } }`,
+    /// the paper's per-dataset choices (Table 11).
+    #[serde(default)]
+    pub per_dataset: BTreeMap<String, BTreeMap<String, serde_yaml_ng::Value>>,
     pub grid: Grid,
     pub report: ReportLayout,
     /// Figures rendered by `report` (the paper's confidence CDFs, Figures 2, 3 and 6).
@@ -292,6 +297,16 @@ impl Spec {
     /// `defaults.<defence>` and then the variant's overrides merged in (`Null` for a
     /// defence without settings). Checked by the defence when the spec is loaded.
     pub fn defence_settings(&self, entry: &str) -> Result<serde_json::Value> {
+        self.defence_settings_for(entry, None)
+    }
+
+    /// [`Spec::defence_settings`] on one dataset: `per_dataset.<dataset>.<defence>` is
+    /// merged after `defaults.<defence>` and before the variant's overrides.
+    pub fn defence_settings_for(
+        &self,
+        entry: &str,
+        dataset: Option<&str>,
+    ) -> Result<serde_json::Value> {
         let base = self.defence_base(entry);
         let d =
             crate::defences::registered(base).ok_or_else(|| anyhow!("unknown defence '{base}'"))?;
@@ -300,6 +315,14 @@ impl Spec {
         };
         if let Some(o) = self.defaults.defences.get(base) {
             merge(&mut v, o).map_err(|e| anyhow!("field `defaults.{base}`: {e}"))?;
+        }
+        if let Some((ds, o)) = dataset.and_then(|ds| {
+            self.per_dataset
+                .get(ds)
+                .and_then(|m| m.get(base))
+                .map(|o| (ds, o))
+        }) {
+            merge(&mut v, o).map_err(|e| anyhow!("field `per_dataset.{ds}.{base}`: {e}"))?;
         }
         if let Some(o) = self
             .variants
@@ -313,8 +336,16 @@ impl Spec {
 
     /// The spec's IEU settings (`defaults.ieu`): what CAT's f_p is tuned with.
     pub fn ieu_defaults(&self) -> Result<crate::defences::ieu::IeuSettings> {
+        self.ieu_defaults_for(None)
+    }
+
+    /// The spec's IEU settings on a dataset (with `per_dataset.<dataset>.ieu`).
+    pub fn ieu_defaults_for(
+        &self,
+        dataset: Option<&str>,
+    ) -> Result<crate::defences::ieu::IeuSettings> {
         use crate::defences::Settings;
-        crate::defences::ieu::IeuSettings::of(&self.defence_settings("ieu")?)
+        crate::defences::ieu::IeuSettings::of(&self.defence_settings_for("ieu", dataset)?)
     }
 
     /// The settings of attack `name` for a grid attack entry, as JSON: the attack's

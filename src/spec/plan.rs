@@ -262,7 +262,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                 let method = crate::defences::registered(base)
                     .ok_or_else(|| anyhow!("not implemented yet: defence {base}"))?;
                 let settings = s
-                    .defence_settings(defence)
+                    .defence_settings_for(defence, Some(dataset))
                     .map_err(|e| anyhow!("{}: {e}", spec.origin))?;
                 let mut cell = CellPlan {
                     plan: &mut plan,

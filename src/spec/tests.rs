@@ -207,3 +207,54 @@ fn embedded_scales_parse() {
         .to_string();
     assert!(e.contains("unknown scale 'huge'"), "{e}");
 }
+
+#[test]
+fn per_dataset_settings_sit_between_defaults_and_variants() {
+    let spec = GOOD
+        .replace("dataset: [synthetic]", "dataset: [synthetic, cifar10]")
+        .replace(
+            "name: t",
+            "name: t\ndefaults: { ieu: { c_thresh: 0.97 } }\n\
+             per_dataset: { cifar10: { ieu: { c_thresh: 0.9, stage1_loss: { lga: 1.0 } } } }\n\
+             variants:\n  ieu-nm: { base: ieu, ieu: { logit_masking: false, c_thresh: 0.8 } }",
+        )
+        .replace("defence: [none, ieu]", "defence: [none, ieu, ieu-nm]");
+    let s = LoadedSpec::from_str(&spec, "t.yaml", ".".into()).unwrap();
+    let ieu = |entry: &str, ds: Option<&str>| {
+        <crate::defences::ieu::IeuSettings as crate::defences::Settings>::of(
+            &s.spec.defence_settings_for(entry, ds).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(ieu("ieu", Some("synthetic")).c_thresh, 0.97);
+    let c = ieu("ieu", Some("cifar10"));
+    assert_eq!(c.c_thresh, 0.9);
+    assert_eq!(c.stage1_loss, crate::train::LossKind::Lga(1.0));
+    // A variant's own settings come last; the dataset's others still apply.
+    let v = ieu("ieu-nm", Some("cifar10"));
+    assert!(v.c_thresh == 0.8 && !v.logit_masking);
+    assert_eq!(v.stage1_loss, crate::train::LossKind::Lga(1.0));
+    assert_eq!(
+        s.spec.ieu_defaults_for(Some("cifar10")).unwrap().c_thresh,
+        0.9
+    );
+
+    for (bad, want) in [
+        ("c_thresh: 0.9,", "per_dataset.cifar10.ieu.c_thresh"),
+        ("cifar10: { ieu", "per_dataset.mnist"),
+        (
+            "cifar10: { ieu: { c_thresh: 0.9,",
+            "per_dataset.cifar10.iue",
+        ),
+    ] {
+        let t = match bad {
+            "c_thresh: 0.9," => spec.replace(bad, "c_thresh: 1.9,"),
+            "cifar10: { ieu" => spec.replace(bad, "mnist: { ieu"),
+            _ => spec.replace(bad, "cifar10: { iue: { c_thresh: 0.9,"),
+        };
+        let e = LoadedSpec::from_str(&t, "t.yaml", ".".into())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.yaml") && e.contains(want), "{bad}: {e}");
+    }
+}

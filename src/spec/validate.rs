@@ -6,6 +6,42 @@ use anyhow::{Result, anyhow, bail};
 
 use super::{AttackVariant, DATASETS, DEFAULT_FIELDS, METRICS, Spec, names};
 
+/// Every `per_dataset` entry names a known dataset (built in or the spec's own; it need
+/// not be in the grid, so a spec can be sliced) and defences with settings.
+fn check_per_dataset(spec: &Spec, file: &str) -> Result<()> {
+    for (ds, defences) in &spec.per_dataset {
+        let known = DATASETS.iter().any(|(n, _)| n == ds) || spec.datasets.contains_key(ds);
+        if !known {
+            bail!(
+                "{file}: field `per_dataset.{ds}`: unknown dataset '{ds}' (known: {}{})",
+                DATASETS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                spec.datasets
+                    .keys()
+                    .map(|k| format!(", {k}"))
+                    .collect::<String>()
+            );
+        }
+        for name in defences.keys() {
+            if !crate::defences::registered(name).is_some_and(|d| d.default_settings().is_some()) {
+                bail!(
+                    "{file}: field `per_dataset.{ds}.{name}`: not a defence with settings (known: {})",
+                    crate::defences::REGISTRY
+                        .iter()
+                        .filter(|d| d.default_settings().is_some())
+                        .map(|d| d.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every key of `defaults:` is a known field or a registered defence with settings.
 fn check_defaults_keys(spec: &Spec, file: &str) -> Result<()> {
     for key in spec.defaults.defences.keys() {
@@ -35,15 +71,37 @@ fn any_architecture() -> Vec<&'static str> {
         .collect()
 }
 
-/// Checks the merged settings of a defence entry; `at` is the field the error names.
+/// Checks the merged settings of a defence entry (on every dataset with its own
+/// settings); `at` is the field the error names.
 fn check_settings(spec: &Spec, file: &str, entry: &str, at: &str) -> Result<()> {
+    check_settings_on(spec, file, entry, at, None)?;
+    for ds in spec.per_dataset.keys() {
+        check_settings_on(spec, file, entry, at, Some(ds))?;
+    }
+    Ok(())
+}
+
+fn check_settings_on(
+    spec: &Spec,
+    file: &str,
+    entry: &str,
+    at: &str,
+    dataset: Option<&str>,
+) -> Result<()> {
     let base = spec.defence_base(entry);
     let Some(d) = crate::defences::registered(base) else {
         return Ok(());
     };
     let v = spec
-        .defence_settings(entry)
+        .defence_settings_for(entry, dataset)
         .map_err(|e| anyhow!("{file}: {e}"))?;
+    let at = match dataset {
+        Some(ds) if spec.per_dataset[ds].contains_key(base) && !at.starts_with("variants.") => {
+            format!("per_dataset.{ds}.{base}")
+        }
+        _ => at.to_string(),
+    };
+    let at = at.as_str();
     if v.is_null() {
         return Ok(());
     }
@@ -143,6 +201,7 @@ pub(super) fn validate_spec(spec: &Spec, file: &str) -> Result<()> {
         );
     }
     check_defaults_keys(spec, file)?;
+    check_per_dataset(spec, file)?;
     if let Some(p) = &d.pretrained {
         if p.path.trim().is_empty() {
             bail!("{file}: field `defaults.pretrained.path`: empty path");
