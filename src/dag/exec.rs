@@ -402,16 +402,28 @@ impl Executor {
                 step.short(),
                 if threads == 1 { "" } else { "s" }
             );
-            IN_STEP.with(|s| *s.borrow_mut() = Some(String::new()));
-            let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("ieu-step-{i}"))
-                    .build()
-                    .map_err(|e| anyhow!("cannot start {threads} threads for the step: {e}"))?;
-                pool.install(|| self.execute(step, &device, &lock))
-            }));
-            let at = IN_STEP.with(|s| s.borrow_mut().take()).unwrap_or_default();
+            // The step runs on its own pool; every thread of it reports panics through the
+            // executor (the hook stays quiet there), and the step's thread catches them.
+            let res = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("ieu-step-{i}"))
+                .start_handler(|_| IN_STEP.with(|s| *s.borrow_mut() = Some(String::new())))
+                .build()
+                .map_err(|e| anyhow!("cannot start {threads} threads for the step: {e}"))
+                .map(|pool| {
+                    pool.install(|| {
+                        IN_STEP.with(|s| *s.borrow_mut() = Some(String::new()));
+                        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            self.execute(step, &device, &lock)
+                        }));
+                        let at = IN_STEP.with(|s| s.borrow_mut().replace(String::new()));
+                        (r, at.unwrap_or_default())
+                    })
+                });
+            let (res, at) = match res {
+                Ok((r, at)) => (r, at),
+                Err(e) => (Ok(Err(e)), String::new()),
+            };
             drop(lock);
             let res = match res {
                 Ok(r) => r,
