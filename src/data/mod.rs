@@ -293,6 +293,23 @@ pub struct RawSplits {
     pub std: [f32; 3],
 }
 
+impl RawSplits {
+    /// Metadata for training on these splits directly (the whole train split as D_tune), as
+    /// benchmarks and tests do without a `dataset` step.
+    pub fn meta(&self, name: &str) -> DatasetMeta {
+        DatasetMeta {
+            name: name.into(),
+            classes: self.classes.clone(),
+            image_size: self.train.size,
+            mean: self.mean,
+            std: self.std,
+            pretrain: 0,
+            tune: self.train.len(),
+            test: self.test.len(),
+        }
+    }
+}
+
 /// A dataset's samples: decoded in memory, or image files decoded on demand.
 enum Source {
     Memory(RawSplits),

@@ -230,10 +230,12 @@ impl<M: Classifier> Hooks<M> for Ascent {
     fn optimiser(&self) -> Optimiser {
         Optimiser::adam()
     }
-    fn loss(&mut self, model: &M, b: &Batch) -> Result<Tensor<1>> {
-        let ce = cross_entropy(model.forward(b.x.clone()), b.y.clone());
-        self.losses.push(ce.clone().into_scalar::<f32>() as f64);
-        Ok(ce.neg())
+    fn loss(&self, model: &M, b: &Batch) -> Result<Tensor<1>> {
+        Ok(cross_entropy(model.forward(b.x.clone()), b.y.clone()).neg())
+    }
+    fn after_step(&mut self, model: M, b: &Batch) -> Result<M> {
+        self.losses.push(-b.loss);
+        Ok(model)
     }
 }
 

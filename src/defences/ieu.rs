@@ -317,7 +317,7 @@ impl<M: Classifier> Hooks<M> for Algorithm1<'_> {
     }
 
     /// Lines 6–8: ℓ(ŷ, y) with ŷ the masked logits of Eq. 1.
-    fn loss(&mut self, model: &M, b: &Batch) -> Result<Tensor<1>> {
+    fn loss(&self, model: &M, b: &Batch) -> Result<Tensor<1>> {
         let y_r = model.forward(b.x.clone());
         if !self.params.logit_masking {
             return Ok(cross_entropy(y_r, b.y.clone()));

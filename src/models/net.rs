@@ -122,9 +122,14 @@ impl NetConfig {
 }
 
 /// The classifier interface every architecture provides.
-pub trait Classifier: Module {
+pub trait Classifier: Module + Sync {
     /// Normalised images [B, 3, H, W] → logits [B, C].
     fn forward(&self, x: Tensor<4>) -> Tensor<2>;
+    /// Whether, in training mode, each image's logits depend on that image alone (false
+    /// for batch normalisation), so a learning step may split its batch into shards.
+    fn per_image(&self) -> bool {
+        true
+    }
 }
 
 impl Classifier for Vit {
@@ -148,6 +153,10 @@ pub enum Net {
 impl Classifier for Net {
     fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         Net::forward(self, x)
+    }
+    /// ResNet, VGG and XCiT's convolutional patch embedding use batch normalisation.
+    fn per_image(&self) -> bool {
+        !matches!(self, Net::Resnet(_) | Net::Vgg(_) | Net::Xcit(_))
     }
 }
 

@@ -8,7 +8,8 @@ use burn::prelude::*;
 use crate::data::{DatasetMeta, synthetic};
 use crate::models::{Vit, VitConfig};
 use crate::spec::Scale;
-use crate::train::{Optimiser, View, cross_entropy, labels, rng_for, views};
+use crate::train::fit::{Batch, Plain, learning_step};
+use crate::train::{LossKind, Optimiser, View, labels, rng_for, views};
 
 pub struct BenchResult {
     /// "train-step" or "inference".
@@ -47,16 +48,7 @@ impl std::fmt::Display for BenchResult {
 /// `n` generated images, their metadata and the scale's ViT with a 10-class head.
 fn setup(scale: &Scale, n: usize) -> (crate::data::RawSplits, DatasetMeta, VitConfig) {
     let raw = synthetic::generate(0, n, 0, scale.image_size);
-    let meta = DatasetMeta {
-        name: "synthetic".into(),
-        classes: raw.classes.clone(),
-        image_size: scale.image_size,
-        mean: raw.mean,
-        std: raw.std,
-        pretrain: 0,
-        tune: raw.train.len(),
-        test: 0,
-    };
+    let meta = raw.meta("synthetic");
     let cfg = VitConfig {
         image_size: scale.image_size,
         patch_size: scale.model.patch_size,
@@ -69,8 +61,9 @@ fn setup(scale: &Scale, n: usize) -> (crate::data::RawSplits, DatasetMeta, VitCo
     (raw, meta, cfg)
 }
 
-/// Times forward + backward + AdamW step of the scale's f_r on its finetuning views
-/// (one row per image and view), after two warm-up steps.
+/// Times the training loop's learning step (forward + backward + AdamW step, in
+/// [`crate::train::fit::SHARDS`] shards) of the scale's f_r on its finetuning views (one
+/// row per image and view), after two warm-up steps.
 pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
     if steps == 0 {
         anyhow::bail!("--steps 0: give at least one timed step");
@@ -99,10 +92,19 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
             &ad,
         );
         let y = labels(&raw.train, &idx, &ad);
-        let ys = Tensor::cat(vec![y; xs.len()], 0);
-        let loss = cross_entropy(model.forward(Tensor::cat(xs, 0)), ys);
-        let _ = loss.clone().into_scalar::<f32>();
-        model = optim.descend(model, loss, 1e-4, 0.0);
+        let batch = Batch {
+            epoch: 0,
+            index: s,
+            iter: s,
+            images: &idx,
+            y: Tensor::cat(vec![y; xs.len()], 0),
+            views: xs.len(),
+            x: Tensor::cat(xs, 0),
+            lr: 1e-4,
+            wd: 0.0,
+            loss: f64::NAN,
+        };
+        (model, _) = learning_step(model, &mut optim, &Plain(LossKind::Ce), &batch, &ad)?;
         if s >= 2 {
             seconds += t0.elapsed().as_secs_f64();
         }

@@ -3,6 +3,7 @@
 //! confidences of the figures are all read from it.
 
 use burn::prelude::*;
+use rayon::prelude::*;
 
 use super::{View, rng_for, views};
 use crate::data::{DatasetMeta, ImageSet};
@@ -51,7 +52,9 @@ impl Logits {
     }
 }
 
-/// Runs `model` (without autodiff) on every image of `set`, unaugmented, `batch` at a time.
+/// Runs `model` (without autodiff) on every image of `set`, unaugmented, `batch` at a time;
+/// each batch's [`super::fit::SHARDS`] shards run in parallel (in evaluation mode every
+/// architecture's logits are per image).
 pub fn logits<M: Classifier>(
     model: &M,
     set: &ImageSet,
@@ -63,19 +66,32 @@ pub fn logits<M: Classifier>(
     let mut values = Vec::new();
     let mut classes = 0;
     let idx: Vec<usize> = (0..set.len()).collect();
-    let mut rng = rng_for(0, 0, 0, 0);
+    let shards = super::fit::SHARDS;
     for chunk in idx.chunks(batch.max(1)) {
-        let x = views(set, chunk, &[View::NoAug], meta, &mut rng, device)
-            .pop()
-            .expect("one view");
-        let out = model.forward(x);
-        classes = out.dims()[1];
-        values.extend(
-            out.to_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .expect("f32 logits"),
-        );
+        let n = chunk.len();
+        let parts: Vec<(Vec<f32>, usize)> = (0..shards)
+            .into_par_iter()
+            .filter(|s| s * n / shards < (s + 1) * n / shards)
+            .map(|s| {
+                let part = &chunk[s * n / shards..(s + 1) * n / shards];
+                let mut rng = rng_for(0, 0, 0, 0);
+                let x = views(set, part, &[View::NoAug], meta, &mut rng, device)
+                    .pop()
+                    .expect("one view");
+                let out = model.forward(x);
+                let c = out.dims()[1];
+                let v = out
+                    .to_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("f32 logits");
+                (v, c)
+            })
+            .collect();
+        for (v, c) in parts {
+            classes = c;
+            values.extend(v);
+        }
     }
     Logits { values, classes }
 }
