@@ -43,8 +43,9 @@ pub struct Common {
     /// depend on it.
     #[arg(long, env = "IEU_JOBS")]
     pub jobs: Option<usize>,
-    /// CPU threads the running steps share (default: the number of cores). A step that
-    /// runs alone uses all of them; when several are ready they split them evenly.
+    /// CPU threads the running steps share (default: the number of cores), in one
+    /// work-stealing pool: a step that runs alone uses all of them, steps that run together
+    /// share them. Results do not depend on it.
     #[arg(long, env = "IEU_THREADS")]
     pub threads: Option<usize>,
 }

@@ -148,16 +148,12 @@ impl Executor {
         }
     }
 
-    /// Sets the thread budget the running steps share (default: one per core).
+    /// Sets the thread budget the running steps share (default: one per core). The steps
+    /// run in one work-stealing pool of that many threads: a step that runs alone uses all
+    /// of them, and when one of several ends the others take over its threads.
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
         self
-    }
-
-    /// Threads for a step that starts while `busy` steps (itself included) run or are
-    /// ready to: an even share of the budget among at most `jobs` of them.
-    pub fn threads_for(&self, busy: usize) -> usize {
-        (self.threads / busy.clamp(1, self.jobs)).max(1)
     }
 
     /// Checks the stored objects this run will read; quarantines damaged ones (they are then
@@ -233,9 +229,24 @@ impl Executor {
             requeued: HashMap::new(),
         });
         let wake = Condvar::new();
+        // Every thread of the pool reports panics through the executor (the hook stays
+        // quiet there), and each step catches its own.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.threads)
+            .thread_name(|i| format!("ieu-step-{i}"))
+            .start_handler(|_| IN_STEP.with(|s| *s.borrow_mut() = Some(String::new())))
+            .build()
+            .map_err(|e| anyhow!("cannot start {} threads for the steps: {e}", self.threads))?;
+        tracing::info!(
+            "up to {} step{} at once, sharing {} thread{}",
+            self.jobs,
+            if self.jobs == 1 { "" } else { "s" },
+            self.threads,
+            if self.threads == 1 { "" } else { "s" }
+        );
         std::thread::scope(|scope| {
             for _ in 0..self.jobs.min(total.max(1)) {
-                scope.spawn(|| self.worker(&sched, &wake, total, &by_key));
+                scope.spawn(|| self.worker(&sched, &wake, total, &by_key, &pool));
             }
         });
         let st = sched.into_inner().unwrap();
@@ -303,10 +314,11 @@ impl Executor {
         wake: &Condvar,
         total: usize,
         by_key: &HashMap<&str, &'a Step>,
+        pool: &rayon::ThreadPool,
     ) {
         let device = crate::default_device();
         loop {
-            let (step, lock, threads) = {
+            let (step, lock) = {
                 let mut st = sched.lock().unwrap();
                 loop {
                     Self::prune(&mut st);
@@ -358,12 +370,7 @@ impl Executor {
                             continue;
                         }
                         st.running += 1;
-                        let ready = st
-                            .pending
-                            .iter()
-                            .filter(|p| p.inputs.values().all(|k| self.store.contains(k)))
-                            .count();
-                        break (s, lock, self.threads_for(st.running + ready));
+                        break (s, lock);
                     }
                     if st.running == 0 && !held_elsewhere {
                         // Nothing runs here or elsewhere, and no pending step is ready.
@@ -396,34 +403,15 @@ impl Executor {
                 let st = sched.lock().unwrap();
                 st.ran + st.reused + st.failed.len() + st.running
             };
-            tracing::info!(
-                "[{n}/{total}] {} ({}) on {threads} thread{}",
-                step.label,
-                step.short(),
-                if threads == 1 { "" } else { "s" }
-            );
-            // The step runs on its own pool; every thread of it reports panics through the
-            // executor (the hook stays quiet there), and the step's thread catches them.
-            let res = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("ieu-step-{i}"))
-                .start_handler(|_| IN_STEP.with(|s| *s.borrow_mut() = Some(String::new())))
-                .build()
-                .map_err(|e| anyhow!("cannot start {threads} threads for the step: {e}"))
-                .map(|pool| {
-                    pool.install(|| {
-                        IN_STEP.with(|s| *s.borrow_mut() = Some(String::new()));
-                        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            self.execute(step, &device, &lock)
-                        }));
-                        let at = IN_STEP.with(|s| s.borrow_mut().replace(String::new()));
-                        (r, at.unwrap_or_default())
-                    })
-                });
-            let (res, at) = match res {
-                Ok((r, at)) => (r, at),
-                Err(e) => (Ok(Err(e)), String::new()),
-            };
+            tracing::info!("[{n}/{total}] {} ({})", step.label, step.short());
+            let (res, at) = pool.install(|| {
+                IN_STEP.with(|s| *s.borrow_mut() = Some(String::new()));
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    self.execute(step, &device, &lock)
+                }));
+                let at = IN_STEP.with(|s| s.borrow_mut().replace(String::new()));
+                (r, at.unwrap_or_default())
+            });
             drop(lock);
             let res = match res {
                 Ok(r) => r,

@@ -30,6 +30,13 @@ pub struct Metrics {
     pub poison_flagged: Option<f64>,
     pub clean_flagged: Option<f64>,
     pub unlearn_steps: Option<f64>,
+    /// IEU: the mean of Eq. 3's factor lr_ul / lr_tune over the unlearning steps, and the
+    /// mean cross-entropy of the unlearned batches (before each step). Eq. 3 regulates
+    /// itself when the loss is large enough to push the factor to its floor of 0.2.
+    #[serde(default)]
+    pub unlearn_factor: Option<f64>,
+    #[serde(default)]
+    pub unlearn_loss: Option<f64>,
     /// CA on the clean test images the defence did not train on (I-BAU unlearns with the
     /// first test images, as the paper did, so its `ca` includes images it has seen).
     #[serde(default)]
@@ -46,6 +53,8 @@ impl Metrics {
             "poison_flagged" => self.poison_flagged,
             "clean_flagged" => self.clean_flagged,
             "unlearn_steps" => self.unlearn_steps,
+            "unlearn_factor" => self.unlearn_factor,
+            "unlearn_loss" => self.unlearn_loss,
             "ca_unseen" => self.ca_unseen,
             _ => None,
         }
@@ -129,6 +138,8 @@ pub fn run_evaluate_step(
         struct Flagged {
             gate: crate::defences::ieu::GateStats,
             unlearn_steps: Option<usize>,
+            #[serde(default)]
+            unlearn_trace: Vec<crate::defences::ieu::UnlearnRecord>,
         }
         if let Ok(s) = serde_json::from_str::<Flagged>(&text) {
             m.fpr = Some(s.gate.fpr());
@@ -136,6 +147,14 @@ pub fn run_evaluate_step(
             m.poison_flagged = Some(s.gate.poison_flagged_pct());
             m.clean_flagged = Some(s.gate.fpr());
             m.unlearn_steps = s.unlearn_steps.map(|n| n as f64);
+            let t = &s.unlearn_trace;
+            if !t.is_empty() {
+                let mean = |f: fn(&crate::defences::ieu::UnlearnRecord) -> f64| {
+                    t.iter().map(f).sum::<f64>() / t.len() as f64
+                };
+                m.unlearn_factor = Some(mean(|r| r.factor));
+                m.unlearn_loss = Some(mean(|r| r.loss));
+            }
         }
     }
     crate::store::write_json(&out.join("metrics.json"), &m)?;

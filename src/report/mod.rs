@@ -50,10 +50,14 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
         } else {
             None
         };
+        let checkpoint = checkpoint_quality(plan, store, &cell.evaluate)?;
         for name in METRIC_COLUMNS {
-            cols.get_mut(name)
-                .unwrap()
-                .push(m.as_ref().and_then(|m| m.get(name)));
+            let v = match *name {
+                "pretrain_accuracy" => checkpoint.map(|c| c.0),
+                "pretrain_confidence" => checkpoint.and_then(|c| c.1),
+                _ => m.as_ref().and_then(|m| m.get(name)),
+            };
+            cols.get_mut(name).unwrap().push(v);
         }
     }
     let mut columns: Vec<Column> = vec![
@@ -66,6 +70,40 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
     }
     columns.push(Column::new("evaluate_step".into(), keys));
     Ok(DataFrame::new_infer_height(columns)?)
+}
+
+/// The clean test accuracy and mean max-probability of the starting checkpoint a cell was
+/// finetuned from, when a `pretrain` step of the plan trained it and is stored (the
+/// confidence is absent in checkpoints trained before it was recorded).
+fn checkpoint_quality(
+    plan: &Plan,
+    store: &Store,
+    evaluate: &str,
+) -> Result<Option<(f64, Option<f64>)>> {
+    let by_key: BTreeMap<&str, &crate::dag::Step> =
+        plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
+    let mut stack = vec![evaluate];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(k) = stack.pop() {
+        let Some(step) = by_key.get(k).filter(|_| seen.insert(k)) else {
+            continue;
+        };
+        if step.kind == crate::dag::Kind::Pretrain {
+            if !store.contains(k) {
+                return Ok(None);
+            }
+            let path = store.verified(k)?.join("train_log.json");
+            let log: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+            )?;
+            let acc = log.get("clean_test_accuracy").and_then(|v| v.as_f64());
+            let conf = log.get("mean_max_probability").and_then(|v| v.as_f64());
+            return Ok(acc.map(|a| (a, conf)));
+        }
+        stack.extend(step.inputs.values().map(String::as_str));
+    }
+    Ok(None)
 }
 
 /// CSV with one row per grid cell; metrics as percentages with two decimals.

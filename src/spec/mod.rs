@@ -465,5 +465,9 @@ pub const METRICS: &[&str] = &[
     "poison_flagged",
     "clean_flagged",
     "unlearn_steps",
+    "unlearn_factor",
+    "unlearn_loss",
     "ca_unseen",
+    "pretrain_accuracy",
+    "pretrain_confidence",
 ];

@@ -64,8 +64,8 @@ impl PretrainParams {
     }
 }
 
-/// Writes `model.safetensors`, `config.json` and `train_log.json` (loss per epoch and
-/// accuracy on the clean test split).
+/// Writes `model.safetensors`, `config.json` and `train_log.json` (loss per epoch, and on
+/// the clean test split the accuracy and the calibration: the mean max-softmax probability).
 pub fn run_pretrain_step(
     p: &PretrainParams,
     dataset_dir: &Path,
@@ -95,9 +95,17 @@ pub fn run_pretrain_step(
     };
     let (model, log) = train_supervised(model, &set, &meta, &sup, LossKind::Ce, &ad)?;
     let test = ImageSet::load(&dataset_dir.join("test.safetensors"))?;
-    let acc = accuracy(&predict(&model, &test, &meta, 256, device), &test);
+    let preds = predict(&model, &test, &meta, 256, device);
+    let acc = accuracy(&preds, &test);
+    let confidence =
+        100.0 * preds.iter().map(|&(_, p)| p as f64).sum::<f64>() / preds.len().max(1) as f64;
+    tracing::info!("    clean test accuracy {acc:.2}%, mean max-probability {confidence:.2}%");
     crate::models::save_net(&model.valid(), &cfg, out)?;
-    let info = serde_json::json!({ "loss_per_epoch": log, "clean_test_accuracy": acc });
+    let info = serde_json::json!({
+        "loss_per_epoch": log,
+        "clean_test_accuracy": acc,
+        "mean_max_probability": confidence,
+    });
     crate::store::write_json(&out.join("train_log.json"), &info)?;
     Ok(acc)
 }
