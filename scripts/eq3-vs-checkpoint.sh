@@ -3,7 +3,8 @@
 # runs experiments/eq3-vs-checkpoint/spec.yaml at each scale of the scales.yaml beside it
 # (pretrains of 3, 10 and 30 epochs, everything else the cpu scale's) and writes one table
 # with the checkpoint's test accuracy and calibration, no defence's and IEU's CA and ASR,
-# the gate, and Eq. 3's mean factor and mean unlearning loss.
+# the gate, and Eq. 3's mean factor and mean unlearning loss; beside it, in figures/, the
+# per-step Eq. 3 trace of each IEU cell (CSV and plot).
 #
 #   scripts/eq3-vs-checkpoint.sh DATA_DIR [STORE] [OUT]
 #       DATA_DIR  holds cifar-10-batches-bin/
@@ -27,7 +28,12 @@ trap 'rm -rf "$tmp"' EXIT
 for s in $SCALES; do
   "${BIN[@]}" run "$SPEC" --scale "$s" --data-dir "$DATA" --store "$STORE"
   "${BIN[@]}" report "$SPEC" --scale "$s" --data-dir "$DATA" --store "$STORE" \
-    --format csv --out "$tmp/$s.csv"
+    --format csv --out "$tmp/$s.csv" --figures "$tmp/fig-$s"
+  # The per-step Eq. 3 trace of the IEU cell (one CSV row per unlearned batch) and its plot.
+  mkdir -p "$(dirname "$OUT")/figures"
+  for ext in csv png svg; do
+    cp "$tmp/fig-$s/eq3-trace.$ext" "$(dirname "$OUT")/figures/eq3-trace-cifar10-badnets-white-$s.$ext"
+  done
 done
 
 python3 - "$OUT" "$tmp" $SCALES <<'EOF'
