@@ -10,7 +10,8 @@
 #       DATA_DIR  holds cifar-10-batches-bin/
 #       STORE     the artefact store (default: artifacts)
 #       OUT       the table (default: reports/eq3-vs-checkpoint-cifar10-cpu.md)
-#   IEU_BENCH=path/to/ieu-bench to use a built binary (default: cargo run --release).
+#   IEU_BENCH=path/to/ieu-bench to use a built binary (default: cargo run --release), and
+#   IEU_COMMIT=REV to name the commit it was built from (default: this checkout's HEAD).
 #
 # Cost on 2 cores: about 45 minutes from a fresh store (the pretrains take 2.5, 8 and
 # 25 minutes); steps already stored are reused.
@@ -36,9 +37,11 @@ for s in $SCALES; do
   done
 done
 
-python3 - "$OUT" "$tmp" $SCALES <<'EOF'
-import csv, sys, subprocess
-out, tmp, scales = sys.argv[1], sys.argv[2], sys.argv[3:]
+COMMIT=${IEU_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+python3 - "$OUT" "$tmp" "$COMMIT" $SCALES <<'EOF'
+import csv, sys
+from collections import defaultdict
+out, tmp, commit, scales = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 def f(v, nd=2):
     return "–" if v in ("", None) else f"{float(v):.{nd}f}"
 rows = []
@@ -50,8 +53,18 @@ for s in scales:
                 f"| {f(n['ca'])} | {f(n['asr'])} | {f(i['ca'])} | {f(i['asr'])} | {cost:.2f} "
                 f"| {f(i['poison_flagged'])} | {f(i['clean_flagged'])} | {f(i['unlearn_steps'], 0)} "
                 f"| {f(i['unlearn_factor'])} | {f(i['unlearn_loss'])} |")
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                        text=True).stdout.strip() or "unknown"
+# Per epoch of stage 2: Eq. 3's factor and the unlearning loss, and how often the factor
+# sits at its floor.
+epochs = []
+for s in scales:
+    by = defaultdict(list)
+    for r in csv.DictReader(open(f"{tmp}/fig-{s}/eq3-trace.csv")):
+        by[int(r["epoch"])].append((float(r["factor"]), float(r["loss"])))
+    for e, rs in sorted(by.items()):
+        fs, ls = [f for f, _ in rs], [l for _, l in rs]
+        floor = sum(1 for f in fs if f <= 0.2 + 1e-9)
+        epochs.append(f"| `{s}` | {e} | {len(rs)} | {sum(fs)/len(fs):.2f} | {min(fs):.2f}–{max(fs):.2f} "
+                      f"| {sum(ls)/len(ls):.2f} | {min(ls):.2f}–{max(ls):.2f} | {floor} |")
 with open(out, "w") as fh:
     fh.write(f"""# IEU's CA cost against the starting checkpoint (CIFAR-10, BadNets-white, cpu scale)
 
@@ -66,6 +79,13 @@ reaches its floor only when ℓ ≥ √2·ln(58) ≈ 5.74.
 
 | checkpoint | accuracy % | confidence % | none CA | none ASR | IEU CA | IEU ASR | CA cost | gate: poison % | gate: clean % | unlearn steps | Eq. 3 factor | unlearn loss |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-""" + "\n".join(rows) + "\n")
+""" + "\n".join(rows) + """
+
+Eq. 3 over stage 2, per epoch (from the per-step traces in `figures/`; the first unlearned
+batch of every epoch has k = 0 and factor 1):
+
+| checkpoint | epoch | unlearned batches | mean factor | factor range | mean loss | loss range | at the 0.2 floor |
+|---|---:|---:|---:|---|---:|---|---:|
+""" + "\n".join(epochs) + "\n")
 print(open(out).read())
 EOF

@@ -62,7 +62,7 @@ fn setup(scale: &Scale, n: usize) -> (crate::data::RawSplits, DatasetMeta, VitCo
 }
 
 /// Times the training loop's learning step (forward + backward + AdamW step, in
-/// [`crate::train::fit::SHARDS`] shards) of the scale's f_r on its finetuning views (one
+/// [`crate::train::SHARDS`] shards) of the scale's f_r on its finetuning views (one
 /// row per image and view), after two warm-up steps.
 pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
     if steps == 0 {

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use super::{
-    CLIP_GRAD, Decay, LossKind, View, cross_entropy, epoch_batches, labels, rng_for, views,
+    CLIP_GRAD, Decay, LossKind, SHARDS, View, cross_entropy, epoch_batches, labels, rng_for, views,
 };
 use crate::data::{DatasetMeta, ImageSet};
 use crate::models::Classifier;
@@ -143,12 +143,6 @@ impl Batch<'_> {
         }
     }
 }
-
-/// Shards of a learning step's batch when the model and the loss allow it: each shard's
-/// forward and backward pass runs on its own thread and the gradients are summed in shard
-/// order, weighted by shard size. The count is fixed, not taken from the thread count, so a
-/// step's numbers are the same on any number of threads.
-pub const SHARDS: usize = 2;
 
 /// What a method changes in the loop.
 pub trait Hooks<M: Classifier>: Sync {

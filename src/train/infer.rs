@@ -53,7 +53,7 @@ impl Logits {
 }
 
 /// Runs `model` (without autodiff) on every image of `set`, unaugmented, `batch` at a time;
-/// each batch's [`super::fit::SHARDS`] shards run in parallel (in evaluation mode every
+/// each batch's [`super::SHARDS`] shards run in parallel (in evaluation mode every
 /// architecture's logits are per image).
 pub fn logits<M: Classifier>(
     model: &M,
@@ -66,7 +66,7 @@ pub fn logits<M: Classifier>(
     let mut values = Vec::new();
     let mut classes = 0;
     let idx: Vec<usize> = (0..set.len()).collect();
-    let shards = super::fit::SHARDS;
+    let shards = super::SHARDS;
     for chunk in idx.chunks(batch.max(1)) {
         let n = chunk.len();
         let parts: Vec<(Vec<f32>, usize)> = (0..shards)

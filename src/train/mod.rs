@@ -48,6 +48,12 @@ pub fn rng_for(seed: u64, epoch: usize, iter: usize, purpose: u64) -> ChaCha8Rng
     ChaCha8Rng::seed_from_u64(s)
 }
 
+/// Shards of a learning step's batch when the model and the loss allow it: each shard's
+/// forward and backward pass runs on its own thread and the gradients are summed in shard
+/// order, weighted by shard size. The count is fixed, not taken from the thread count, so a
+/// step's numbers are the same on any number of threads.
+pub const SHARDS: usize = 2;
+
 /// Builds the views of a batch: one [B,3,H,W] tensor per requested view. A `Corrupt` view
 /// corrupts the same clean crop as the `Crop` view of the same image when both are asked for.
 pub fn views(
