@@ -38,6 +38,10 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
     let mut keys = Vec::new();
     let mut cols: BTreeMap<&str, Vec<Option<f64>>> =
         METRIC_COLUMNS.iter().map(|m| (*m, Vec::new())).collect();
+    let by_key: BTreeMap<&str, &crate::dag::Step> =
+        plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
+    // Cells share checkpoints: each is read (and verified) once.
+    let mut checkpoints: BTreeMap<String, Option<(f64, Option<f64>)>> = BTreeMap::new();
     for cell in &plan.cells {
         ds.push(cell.dataset.clone());
         at.push(cell.attack.clone());
@@ -50,7 +54,17 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
         } else {
             None
         };
-        let checkpoint = checkpoint_quality(plan, store, &cell.evaluate)?;
+        let checkpoint = match pretrain_of(&by_key, &cell.evaluate) {
+            Some(k) => match checkpoints.get(k) {
+                Some(c) => *c,
+                None => {
+                    let c = checkpoint_quality(store, k)?;
+                    checkpoints.insert(k.to_string(), c);
+                    c
+                }
+            },
+            None => None,
+        };
         for name in METRIC_COLUMNS {
             let v = match *name {
                 "pretrain_accuracy" => checkpoint.map(|c| c.0),
@@ -72,38 +86,41 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
     Ok(DataFrame::new_infer_height(columns)?)
 }
 
-/// The clean test accuracy and mean max-probability of the starting checkpoint a cell was
-/// finetuned from, when a `pretrain` step of the plan trained it and is stored (the
-/// confidence is absent in checkpoints trained before it was recorded).
-fn checkpoint_quality(
-    plan: &Plan,
-    store: &Store,
-    evaluate: &str,
-) -> Result<Option<(f64, Option<f64>)>> {
-    let by_key: BTreeMap<&str, &crate::dag::Step> =
-        plan.steps.iter().map(|s| (s.key.as_str(), s)).collect();
-    let mut stack = vec![evaluate];
+/// The `pretrain` step of the plan that a step's model was finetuned from, if one trained it
+/// (none when the checkpoint was imported).
+fn pretrain_of<'p>(by_key: &BTreeMap<&str, &'p crate::dag::Step>, step: &str) -> Option<&'p str> {
+    let mut stack = vec![step.to_string()];
     let mut seen = std::collections::BTreeSet::new();
     while let Some(k) = stack.pop() {
-        let Some(step) = by_key.get(k).filter(|_| seen.insert(k)) else {
+        let Some(s) = by_key.get(k.as_str()).copied() else {
             continue;
         };
-        if step.kind == crate::dag::Kind::Pretrain {
-            if !store.contains(k) {
-                return Ok(None);
-            }
-            let path = store.verified(k)?.join("train_log.json");
-            let log: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?,
-            )?;
-            let acc = log.get("clean_test_accuracy").and_then(|v| v.as_f64());
-            let conf = log.get("mean_max_probability").and_then(|v| v.as_f64());
-            return Ok(acc.map(|a| (a, conf)));
+        if !seen.insert(k) {
+            continue;
         }
-        stack.extend(step.inputs.values().map(String::as_str));
+        if s.kind == crate::dag::Kind::Pretrain {
+            return Some(s.key.as_str());
+        }
+        stack.extend(s.inputs.values().cloned());
     }
-    Ok(None)
+    None
+}
+
+/// The clean test accuracy and mean max-probability of a stored `pretrain` step (the
+/// confidence is absent in checkpoints trained before it was recorded); `None` while it is
+/// not stored.
+fn checkpoint_quality(store: &Store, key: &str) -> Result<Option<(f64, Option<f64>)>> {
+    if !store.contains(key) {
+        return Ok(None);
+    }
+    let path = store.verified(key)?.join("train_log.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let log: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let acc = log.get("clean_test_accuracy").and_then(|v| v.as_f64());
+    let conf = log.get("mean_max_probability").and_then(|v| v.as_f64());
+    Ok(acc.map(|a| (a, conf)))
 }
 
 /// CSV with one row per grid cell; metrics as percentages with two decimals.
