@@ -9,6 +9,8 @@
 # Routes tried, in order (each is optional; a route that fails to build is reported and
 # skipped):
 #   wgpu   `--features wgpu` (Vulkan; builds from the package registries alone)
+#   tch    `--features tch` (LibTorch on CUDA, from PyPI's torch 2.9.0 and its CUDA
+#          libraries: scripts/libtorch.sh --cuda; registries only)
 #   cuda   `--features cuda` (CubeCL CUDA; its cubecl-llvm build script downloads an LLVM
 #          bundle, so it needs network access at build time)
 set -uo pipefail
@@ -42,8 +44,13 @@ with_peak_memory() {
   return $rc
 }
 
-for feature in wgpu cuda; do
+for feature in wgpu tch cuda; do
   log "building --features $feature"
+  if [[ $feature == tch ]] && ! { libtorch_env=$(scripts/libtorch.sh --cuda 2>"$OUT/libtorch.log") \
+                                   && eval "$libtorch_env"; }; then
+    log "tch: LibTorch could not be installed (see $OUT/libtorch.log)"
+    continue
+  fi
   if ! cargo build --release --features "$feature" >"$OUT/build-$feature.log" 2>&1; then
     log "$feature: does not build here (see $OUT/build-$feature.log)"
     continue

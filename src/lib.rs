@@ -20,8 +20,9 @@ pub mod spec;
 pub mod store;
 pub mod train;
 
-/// The compute device steps run on: the flex CPU backend by default, CUDA or wgpu when the
-/// crate is built with the `cuda` / `wgpu` feature.
+/// The compute device steps run on: the flex CPU backend by default; CUDA, wgpu or
+/// LibTorch when the crate is built with the `cuda`, `wgpu` or `tch` feature (LibTorch runs
+/// on CUDA device 0 when LibTorch sees a GPU, on its CPU backend otherwise).
 pub fn default_device() -> burn::prelude::Device {
     #[cfg(feature = "cuda")]
     {
@@ -33,6 +34,16 @@ pub fn default_device() -> burn::prelude::Device {
         {
             return burn::prelude::Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
         }
+        // burn-tch is deprecated upstream, and the one CUDA route that builds offline.
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        {
+            return if libtorch_has_cuda() {
+                burn::prelude::Device::libtorch_cuda(0)
+            } else {
+                burn::prelude::Device::libtorch()
+            };
+        }
         burn::prelude::Device::flex()
     }
 }
@@ -43,14 +54,30 @@ pub fn backend_name() -> &'static str {
         "cuda"
     } else if cfg!(feature = "wgpu") {
         "wgpu"
+    } else if cfg!(feature = "tch") {
+        if libtorch_has_cuda() {
+            "tch-cuda"
+        } else {
+            "tch-cpu"
+        }
     } else {
         "flex-cpu"
     }
 }
 
-/// Steps run at once by default: one per CPU core on the CPU backend, one on a GPU.
+/// Whether LibTorch sees a CUDA device (false without the `tch` feature).
+fn libtorch_has_cuda() -> bool {
+    #[cfg(feature = "tch")]
+    {
+        return tch::Cuda::is_available();
+    }
+    #[allow(unreachable_code)]
+    false
+}
+
+/// Steps run at once by default: one per CPU core on a CPU backend, one on a GPU.
 pub fn default_jobs() -> usize {
-    if cfg!(any(feature = "cuda", feature = "wgpu")) {
+    if cfg!(any(feature = "cuda", feature = "wgpu")) || backend_name() == "tch-cuda" {
         1
     } else {
         std::thread::available_parallelism()

@@ -109,8 +109,9 @@ fn smoke_run_then_fully_cached_rerun() {
         }
     }
     // The smoke scale learns: CA well above chance (10 classes), the backdoor learned
-    // without defence, and IEU unlearns and lowers ASR. (Blended is the attack the smoke
-    // scale's f_p learns: BadNets-white's 3-pixel square is learned weakly at this size.)
+    // without defence, and IEU unlearns and lowers ASR while keeping most of the CA, its
+    // gate sending few clean images to the unlearn set (the paper's picture). (Blended is
+    // the attack the smoke scale's f_p learns: BadNets-white's 3-pixel square is not.)
     let cell = |attack: &str, defence: &str| -> Vec<f64> {
         let row = rows
             .iter()
@@ -123,11 +124,19 @@ fn smoke_run_then_fully_cached_rerun() {
             .collect()
     };
     let (none, ieu) = (cell("blended", "none"), cell("blended", "ieu"));
-    let (asr, ca, unlearn_steps) = (0, 1, 6);
+    let (asr, ca, clean_flagged, unlearn_steps) = (0, 1, 5, 6);
     assert!(none[ca] > 25.0, "CA near chance: {csv}");
     assert!(none[asr] > 40.0, "no backdoor learned: {csv}");
     assert!(ieu[unlearn_steps] > 0.0, "IEU unlearned nothing: {csv}");
     assert!(ieu[asr] < none[asr] - 10.0, "IEU did not lower ASR: {csv}");
+    assert!(
+        ieu[clean_flagged] < 10.0,
+        "the gate flags many clean images: {csv}"
+    );
+    assert!(
+        ieu[ca] > none[ca] - 10.0,
+        "IEU lost the clean accuracy: {csv}"
+    );
 
     // Eq. 3's trace of that cell: one CSV row per unlearned batch, and the figure.
     let figs = tempfile::tempdir().unwrap();

@@ -1,9 +1,11 @@
 //! A procedurally generated 10-class dataset: the zero-data default and the test fixture.
 //!
 //! Every image shows one shape class (disk, square, triangle, stripes, ring, …) in a random
-//! colour, position and size over a random two-colour gradient with pixel noise. Classes are
-//! genuinely visual and learnable, not noise. Each image is a pure function of
-//! (seed, split, index), so the dataset is identical wherever it is generated.
+//! colour, position, size and tilt over a random two-colour gradient cluttered with strokes
+//! and small shapes of other classes, under pixel noise. Classes are genuinely visual and
+//! learnable, not noise, and hard enough that a shallow model is unsure of many of them
+//! (see `render`). Each image is a pure function of (seed, split, index), so the dataset is
+//! identical wherever it is generated.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -61,26 +63,84 @@ fn inside(class: u16, dx: f32, dy: f32, r: f32) -> bool {
     }
 }
 
+/// Clutter drawn under the class shape: a thin stroke, or a small copy of another class's
+/// shape, so every class's local texture and edges also appear where it is not the class.
+struct Distractor {
+    colour: [f32; 3],
+    /// A stroke from (x0, y0) to (x1, y1) of half-width `w`, or `shape` of radius `w`
+    /// centred at (x0, y0).
+    x0: f32,
+    y0: f32,
+    x1: f32,
+    y1: f32,
+    w: f32,
+    shape: Option<u16>,
+}
+
+impl Distractor {
+    fn covers(&self, u: f32, v: f32) -> bool {
+        match self.shape {
+            Some(class) => inside(class, u - self.x0, v - self.y0, self.w),
+            None => {
+                let (ex, ey) = (self.x1 - self.x0, self.y1 - self.y0);
+                let len2 = (ex * ex + ey * ey).max(1e-6);
+                let t = (((u - self.x0) * ex + (v - self.y0) * ey) / len2).clamp(0.0, 1.0);
+                let (px, py) = (self.x0 + t * ex - u, self.y0 + t * ey - v);
+                px * px + py * py < self.w * self.w
+            }
+        }
+    }
+}
+
 /// Renders image `index` of `split` (0 train, 1 test): CHW bytes and its label.
+///
+/// The class is the large shape; its position, size, tilt (±20°) and contrast vary, one or
+/// two strokes (as thick as a stripe at most) and two to four small shapes of other classes
+/// clutter the background, and pixel noise of up to 12% covers everything. A deep ViT
+/// learns the classes (the cpu scale's checkpoint: 88% test accuracy); IEU's one-block f_p
+/// stays unsure of most clean images, as on natural images — the premise of IEU's gate.
 pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) {
     let mixed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (split << 62)
         ^ index.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     let mut rng = ChaCha8Rng::seed_from_u64(mixed);
     let class: u16 = rng.random_range(0..10);
-    // A dark shape on a light background or the reverse, in random hues.
+    // A darker shape on a lighter background or the reverse, in random hues; the two ranges
+    // overlap, so some shapes stand out little from their background.
     let light_bg = rng.random_bool(0.5);
-    let (lo, hi) = if light_bg { (0.55, 1.0) } else { (0.0, 0.45) };
+    let (lo, hi) = if light_bg { (0.45, 0.95) } else { (0.05, 0.55) };
     let bg0: [f32; 3] = std::array::from_fn(|_| rng.random_range(lo..hi));
     let bg1: [f32; 3] = std::array::from_fn(|_| rng.random_range(lo..hi));
-    let (flo, fhi) = if light_bg { (0.0, 0.35) } else { (0.65, 1.0) };
+    let (flo, fhi) = if light_bg { (0.0, 0.5) } else { (0.5, 1.0) };
     let fg: [f32; 3] = std::array::from_fn(|_| rng.random_range(flo..fhi));
     let angle: f32 = rng.random_range(0.0..std::f32::consts::TAU);
     let (ga, gb) = (angle.cos(), angle.sin());
-    let cx: f32 = rng.random_range(0.4..0.6);
-    let cy: f32 = rng.random_range(0.4..0.6);
-    let r: f32 = rng.random_range(0.25..0.36);
-    let noise: f32 = rng.random_range(0.0..0.05);
+    let cx: f32 = rng.random_range(0.35..0.65);
+    let cy: f32 = rng.random_range(0.35..0.65);
+    let r: f32 = rng.random_range(0.19..0.3);
+    let tilt: f32 = rng.random_range(-0.35..0.35);
+    let (ts, tc) = tilt.sin_cos();
+    let strokes = rng.random_range(1..=2);
+    let shapes = rng.random_range(2..=4);
+    let distractors: Vec<Distractor> = (0..strokes + shapes)
+        .map(|i| {
+            let colour: [f32; 3] = std::array::from_fn(|_| rng.random_range(0.0..1.0));
+            let shape = (i >= strokes).then(|| (class + rng.random_range(1..10)) % 10);
+            Distractor {
+                colour,
+                x0: rng.random_range(0.0..1.0),
+                y0: rng.random_range(0.0..1.0),
+                x1: rng.random_range(0.0..1.0),
+                y1: rng.random_range(0.0..1.0),
+                w: match shape {
+                    None => rng.random_range(0.015..0.06),
+                    Some(_) => rng.random_range(0.08..0.14),
+                },
+                shape,
+            }
+        })
+        .collect();
+    let noise: f32 = rng.random_range(0.02..0.12);
     let hw = size * size;
     let mut out = vec![0u8; 3 * hw];
     for y in 0..size {
@@ -88,12 +148,14 @@ pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) 
             let u = (x as f32 + 0.5) / size as f32;
             let v = (y as f32 + 0.5) / size as f32;
             let t = ((u - 0.5) * ga + (v - 0.5) * gb + 0.71) / 1.42;
-            let on = inside(class, u - cx, v - cy, r);
+            let (dx, dy) = (u - cx, v - cy);
+            let on = inside(class, dx * tc + dy * ts, dy * tc - dx * ts, r);
+            let clutter = distractors.iter().rev().find(|d| d.covers(u, v));
             for c in 0..3 {
-                let base = if on {
-                    fg[c]
-                } else {
-                    bg0[c] * (1.0 - t) + bg1[c] * t
+                let base = match (on, clutter) {
+                    (true, _) => fg[c],
+                    (false, Some(d)) => d.colour[c],
+                    (false, None) => bg0[c] * (1.0 - t) + bg1[c] * t,
                 };
                 let val = base + noise * (rng.random::<f32>() * 2.0 - 1.0);
                 out[c * hw + y * size + x] = (val.clamp(0.0, 1.0) * 255.0).round() as u8;

@@ -46,14 +46,14 @@ fn the_default_spec_keeps_its_step_keys() {
         ("finetune synthetic/badnets-white/none", "e29abf57cb1c"),
         ("evaluate synthetic/badnets-white/none", "f8f57b3148a9"),
         ("stage1 f_p synthetic/badnets-white", "93860a72e151"),
-        ("finetune synthetic/badnets-white/ieu", "c5e45e804815"),
-        ("evaluate synthetic/badnets-white/ieu", "50cb6acdaa0d"),
+        ("finetune synthetic/badnets-white/ieu", "3d9fc41bf8a8"),
+        ("evaluate synthetic/badnets-white/ieu", "3f3f03f1fe32"),
         ("poison synthetic/blended", "9d7736415587"),
         ("finetune synthetic/blended/none", "f57a804c172f"),
         ("evaluate synthetic/blended/none", "8e830caff460"),
         ("stage1 f_p synthetic/blended", "0984aec08352"),
-        ("finetune synthetic/blended/ieu", "8117bc5e2144"),
-        ("evaluate synthetic/blended/ieu", "1be52fbeb945"),
+        ("finetune synthetic/blended/ieu", "6858a4eb26a9"),
+        ("evaluate synthetic/blended/ieu", "f33d82e09a25"),
     ];
     for (label, key) in want {
         assert!(
