@@ -12,10 +12,10 @@
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
+use super::fused::{layer_norm, softmax_last};
 use super::net::NetConfig;
-use super::vit::{Init, Mlp, patchify};
+use super::vit::{Init, LN_EPS, Mlp, patchify};
 
 /// CaiT's LayerScale initial value for depth 24.
 pub const CAIT_LS_INIT: f32 = 1e-5;
@@ -51,7 +51,7 @@ impl TalkingHeadAttention {
         // Heads last, mix, heads back.
         let mix =
             |l: &Linear, a: Tensor<4>| l.forward(a.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]);
-        let attn = softmax(mix(&self.proj_l, attn), 3);
+        let attn = softmax_last(mix(&self.proj_l, attn));
         let attn = mix(&self.proj_w, attn);
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b, n, d]);
         self.proj.forward(out)
@@ -82,7 +82,7 @@ impl ClassAttention {
             .swap_dims(1, 2);
         let v = self.v.forward(u).reshape([b, n, h, hd]).swap_dims(1, 2);
         let scale = (hd as f64).powf(-0.5);
-        let attn = softmax(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)), 3); // [B,H,1,N]
+        let attn = softmax_last(q.mul_scalar(scale).matmul(k.swap_dims(2, 3))); // [B,H,1,N]
         let out = attn.matmul(v).swap_dims(1, 2).reshape([b, 1, d]);
         self.proj.forward(out)
     }
@@ -130,8 +130,8 @@ impl CaBlock {
     /// the only token updated.
     pub fn forward(&self, cls: Tensor<3>, tokens: Tensor<3>) -> Tensor<3> {
         let u = Tensor::cat(vec![cls.clone(), tokens], 1);
-        let cls = cls + self.attn.forward(self.norm1.forward(u)) * ls(&self.gamma_1);
-        cls.clone() + self.mlp.forward(self.norm2.forward(cls)) * ls(&self.gamma_2)
+        let cls = cls + self.attn.forward(layer_norm(&self.norm1, u, LN_EPS)) * ls(&self.gamma_1);
+        cls.clone() + self.mlp.forward(layer_norm(&self.norm2, cls, LN_EPS)) * ls(&self.gamma_2)
     }
 }
 
@@ -208,14 +208,15 @@ impl Cait {
         let mut h = self.patch_embed.forward(patchify(x, self.patch_size)) + self.pos_embed.val();
         let d = h.dims()[2];
         for blk in &self.blocks {
-            h = h.clone() + blk.attn.forward(blk.norm1.forward(h)) * ls(&blk.gamma_1);
-            h = h.clone() + blk.mlp.forward(blk.norm2.forward(h)) * ls(&blk.gamma_2);
+            h = h.clone() + blk.attn.forward(layer_norm(&blk.norm1, h, LN_EPS)) * ls(&blk.gamma_1);
+            h = h.clone() + blk.mlp.forward(layer_norm(&blk.norm2, h, LN_EPS)) * ls(&blk.gamma_2);
         }
         let mut cls = self.cls_token.val().expand([b, 1, d]);
         for blk in &self.blocks_token_only {
             cls = blk.forward(cls, h.clone());
         }
         // The head reads the CLS token after the final norm (applied token-wise).
-        self.head.forward(self.norm.forward(cls).reshape([b, d]))
+        self.head
+            .forward(layer_norm(&self.norm, cls, LN_EPS).reshape([b, d]))
     }
 }

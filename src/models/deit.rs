@@ -8,8 +8,9 @@ use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 
+use super::fused::layer_norm;
 use super::net::NetConfig;
-use super::vit::{Attention, Init, Mlp, patchify};
+use super::vit::{Attention, Init, LN_EPS, Mlp, patchify};
 
 /// DeiT III's LayerScale initial value for the small LS model.
 pub const DEIT_LS_INIT: f32 = 1e-4;
@@ -40,8 +41,8 @@ impl LsBlock {
         let d = x.dims()[2];
         let g1 = self.gamma_1.val().reshape([1, 1, d]);
         let g2 = self.gamma_2.val().reshape([1, 1, d]);
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x)) * g1;
-        x.clone() + self.mlp.forward(self.norm2.forward(x)) * g2
+        let x = x.clone() + self.attn.forward(layer_norm(&self.norm1, x, LN_EPS)) * g1;
+        x.clone() + self.mlp.forward(layer_norm(&self.norm2, x, LN_EPS)) * g2
     }
 }
 
@@ -89,7 +90,7 @@ impl Deit {
         for blk in &self.blocks {
             h = blk.forward(h);
         }
-        let h = self.norm.forward(h);
+        let h = layer_norm(&self.norm, h, LN_EPS);
         self.head.forward(h.slice([0..b, 0..1]).reshape([b, d]))
     }
 }

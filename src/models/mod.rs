@@ -6,6 +6,7 @@
 
 pub mod cait;
 pub mod deit;
+pub mod fused;
 pub mod import;
 pub mod logits;
 pub mod net;

@@ -13,8 +13,9 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 
+use super::fused::layer_norm;
 use super::net::{NetConfig, conv};
-use super::vit::{Block, Init};
+use super::vit::{Block, Init, LN_EPS};
 
 pub const PIT_DEPTHS: [usize; 3] = [2, 6, 4];
 pub const PIT_HEADS: [usize; 3] = [2, 4, 8];
@@ -125,6 +126,7 @@ impl Pit {
             }
         }
         let d = cls.dims()[2];
-        self.head.forward(self.norm.forward(cls).reshape([b, d]))
+        self.head
+            .forward(layer_norm(&self.norm, cls, LN_EPS).reshape([b, d]))
     }
 }

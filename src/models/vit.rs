@@ -7,10 +7,11 @@
 //! The poisoned module f_p is the same model truncated to its first k blocks, with a fresh
 //! head ([`Vit::truncated`]).
 
+use super::fused::{layer_norm, softmax_last};
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -36,7 +37,7 @@ impl VitConfig {
     }
 }
 
-const LN_EPS: f64 = 1e-6;
+pub const LN_EPS: f64 = 1e-6;
 
 /// Seeded parameter initialisation. Values are drawn from our own ChaCha stream, not the
 /// backend's global RNG, so a model is a pure function of its seed whatever else runs
@@ -146,8 +147,10 @@ impl Attention {
         let q: Tensor<4> = qkv.clone().slice([0..1]).reshape([b, self.heads, n, hd]);
         let k: Tensor<4> = qkv.clone().slice([1..2]).reshape([b, self.heads, n, hd]);
         let v: Tensor<4> = qkv.slice([2..3]).reshape([b, self.heads, n, hd]);
+        // q is scaled before the product, as timm's attention does: one pass over
+        // [B, H, N, hd] instead of over the [B, H, N, N] logits.
         let scale = (hd as f64).powf(-0.5);
-        let mut attn = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+        let mut attn = softmax_last(q.mul_scalar(scale).matmul(k.swap_dims(2, 3)));
         if let Some(m) = probe {
             attn = attn * m;
         }
@@ -205,11 +208,15 @@ impl Block {
     }
 
     pub fn forward_probed(&self, x: Tensor<3>, probe: Option<Tensor<4>>) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward_probed(self.norm1.forward(x), probe);
-        let h = self
-            .mlp
-            .fc2
-            .forward(gelu(self.mlp.fc1.forward(self.norm2.forward(x.clone()))));
+        let x = x.clone()
+            + self
+                .attn
+                .forward_probed(layer_norm(&self.norm1, x, LN_EPS), probe);
+        let h = self.mlp.fc2.forward(gelu(self.mlp.fc1.forward(layer_norm(
+            &self.norm2,
+            x.clone(),
+            LN_EPS,
+        ))));
         x + h
     }
 }
@@ -305,7 +312,7 @@ impl Vit {
         for (i, blk) in self.blocks.iter().enumerate() {
             h = blk.forward_probed(h, probes.get(i).cloned());
         }
-        self.norm.forward(h)
+        layer_norm(&self.norm, h, LN_EPS)
     }
 
     /// Logits [B, C].

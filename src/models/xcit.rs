@@ -16,11 +16,12 @@ use burn::module::{Module, Param};
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, LayerNorm, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 
 use super::cait::CaBlock;
+use super::fused::{layer_norm, softmax_last};
 use super::net::{NetConfig, batch_norm, conv};
-use super::vit::{Init, Mlp};
+use super::vit::{Init, LN_EPS, Mlp};
 
 pub const XCIT_HEADS: usize = 4;
 /// LayerScale initial value η of XCiT-Tiny-12.
@@ -67,7 +68,7 @@ impl Xca {
         let v: Tensor<4> = qkv.slice([2..3]).reshape([b, h, hd, n]);
         let (q, k) = (l2_normalise(q, 3), l2_normalise(k, 3));
         let t = self.temperature.val().reshape([1, h, 1, 1]);
-        let attn = softmax(q.matmul(k.swap_dims(2, 3)) * t, 3); // [B, H, hd, hd]
+        let attn = softmax_last(q.matmul(k.swap_dims(2, 3)) * t); // [B, H, hd, hd]
         let out = attn.matmul(v).permute([0, 3, 1, 2]).reshape([b, n, d]);
         self.proj.forward(out)
     }
@@ -102,17 +103,16 @@ fn ls(g: &Param<Tensor<1>>) -> Tensor<3> {
 impl XcaBlock {
     fn forward(&self, x: Tensor<3>, side: usize) -> Tensor<3> {
         let [b, n, d] = x.dims();
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x)) * ls(&self.gamma1);
-        let map = self
-            .norm3
-            .forward(x.clone())
+        let x =
+            x.clone() + self.attn.forward(layer_norm(&self.norm1, x, LN_EPS)) * ls(&self.gamma1);
+        let map = layer_norm(&self.norm3, x.clone(), LN_EPS)
             .swap_dims(1, 2)
             .reshape([b, d, side, side]);
         let l = &self.local_mp;
         let map = l.conv2.forward(l.bn.forward(gelu(l.conv1.forward(map))));
         let local = map.reshape([b, d, n]).swap_dims(1, 2);
         let x = x + local * ls(&self.gamma3);
-        x.clone() + self.mlp.forward(self.norm2.forward(x)) * ls(&self.gamma2)
+        x.clone() + self.mlp.forward(layer_norm(&self.norm2, x, LN_EPS)) * ls(&self.gamma2)
     }
 }
 
@@ -215,6 +215,7 @@ impl Xcit {
         for blk in &self.cls_attn_blocks {
             cls = blk.forward(cls, t.clone());
         }
-        self.head.forward(self.norm.forward(cls).reshape([b, d]))
+        self.head
+            .forward(layer_norm(&self.norm, cls, LN_EPS).reshape([b, d]))
     }
 }
