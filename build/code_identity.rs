@@ -8,8 +8,8 @@
 // attributes and `#[cfg(test)]` items are removed) and is linked to the items its tokens
 // name. The identity of a step kind is the blake3 hash of every item reachable from the
 // kind's entry functions (the `roots` of `src/dag/kinds.rs`, each registered defence's
-// `run`, and for `poison` the `run` of every registered attack's module), plus the locked
-// versions of the crates that do its arithmetic (Burn, rand, image decoding).
+// `run` for `finetune/<defence>`, each attack module's `run` for `poison/<module>`), plus
+// the locked versions of the crates that do its arithmetic (Burn, rand, image decoding).
 //
 // Name resolution errs on the side of linking too much:
 // - `a::b::name` resolves in module `a::b` (relative, `crate::`, `super::`, `self::`, or a
@@ -105,16 +105,20 @@ pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String)
     let mut debug = String::new();
     let mut ids = Vec::new();
     let mut all: Vec<(String, Vec<String>)> = kind_roots(&root.join("src/dag/kinds.rs"));
-    // The `poison` kind: the `run` of every module in the attack registry.
+    // The `poison` kind: one identity per module of the attack registry, rooted at its `run`
+    // (with the kind's own roots, if it has any), so an edit to one attack moves only the
+    // poison steps of the attacks in that module.
+    let poison_roots = all
+        .iter()
+        .find(|(kind, _)| kind == "poison")
+        .map(|(_, roots)| roots.clone())
+        .unwrap_or_default();
+    all.retain(|(kind, roots)| kind != "poison" && !roots.is_empty());
     for module in registry_modules(&root.join("src/attacks/mod.rs")) {
-        let run = format!("attacks::{module}::run");
-        if let Some((_, roots)) = all.iter_mut().find(|(kind, _)| kind == "poison") {
-            if !roots.contains(&run) {
-                roots.push(run);
-            }
-        }
+        let mut roots = poison_roots.clone();
+        roots.push(format!("attacks::{module}::run"));
+        all.push((format!("poison/{}", module.replace('_', "-")), roots));
     }
-    all.retain(|(_, roots)| !roots.is_empty());
     for module in registry_modules(&root.join("src/defences/mod.rs")) {
         let run = format!("defences::{module}::run");
         let has_run = krate.nodes.iter().any(|n| {
@@ -212,8 +216,8 @@ pub fn kind_roots(table: &Path) -> Vec<(String, Vec<String>)> {
 /// The modules of the entries of a registry's `REGISTRY` (`&ieu::Ieu,` → `ieu`), in order,
 /// each once. A defence with a `finetune` step of its own has `pub fn run` in its module:
 /// that function is the root of its identity `finetune/<name>` (the module name with `-`
-/// for `_`). Every attack module has `pub fn run`, its poison step: together they root the
-/// `poison` identity.
+/// for `_`). Every attack module has `pub fn run`, its poison step: the root of its identity
+/// `poison/<module>` (`poison/badnets` for both BadNets attacks).
 pub fn registry_modules(registry: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(registry).unwrap_or_default();
     let Some(start) = text.find("pub static REGISTRY") else {

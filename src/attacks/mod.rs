@@ -16,8 +16,8 @@
 //! parameters, its trigger, what it plans, and the `run` of its `poison` step) and its
 //! entry in [`REGISTRY`]. The module's `pub fn run` computes its poison step: the planner, the
 //! executor, the preview and the spec parser (`defaults.attacks.<name>`, variants based on
-//! it) go through the registry, and `build.rs` roots the `poison` code identity at the
-//! `run` of every registered module.
+//! it) go through the registry, and `build.rs` roots one code identity per module at its
+//! `run` (`poison/<module>`), so an edit to one attack re-runs only its own poison steps.
 
 pub mod badnets;
 pub mod batt;
@@ -93,6 +93,14 @@ pub trait Attack: Sync {
     /// Its name in specs (`grid.attack`, `defaults.attacks.<name>`, a variant's `base`)
     /// and in the `poison` step's parameters.
     fn name(&self) -> &'static str;
+
+    /// The module that implements it (`badnets` for both BadNets attacks): its poison
+    /// steps are keyed by that module's code identity, `poison/<module>`.
+    fn module(&self) -> &'static str {
+        let path = std::any::type_name::<Self>();
+        let after = path.split_once("::attacks::").map_or(path, |(_, a)| a);
+        after.split("::").next().unwrap_or(after)
+    }
 
     /// Its settings with every default (`defaults.attacks.<name>` and a variant's
     /// `attacks: { <name>: … }` are merged over them).

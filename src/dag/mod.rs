@@ -67,9 +67,19 @@ pub mod code {
     include!(concat!(env!("OUT_DIR"), "/code_identity.rs"));
 }
 
-/// Which code identity computes a step: the kind's, or for `finetune` the defence's.
+/// Which code identity computes a step: the kind's, for `finetune` the defence's, and for
+/// `poison` the attack module's.
 pub fn identity_name(kind: Kind, params: &Value) -> String {
     match kind {
+        Kind::Poison => {
+            let a = params
+                .get("attack")
+                .and_then(|a| a.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            let module = crate::attacks::registered(a).map_or(a, |a| a.module());
+            format!("poison/{}", module.replace('_', "-"))
+        }
         Kind::Finetune => {
             let d = params
                 .get("defence")
@@ -269,23 +279,48 @@ mod tests {
             serde_json::from_str(r#"{"z": {"a": 2, "b": 1}, "y": [1, 2], "x": 1}"#).unwrap();
         let none = BTreeMap::new();
         assert_eq!(
-            step_key(Kind::Poison, &a, &none),
-            step_key(Kind::Poison, &b, &none)
+            step_key(Kind::Evaluate, &a, &none),
+            step_key(Kind::Evaluate, &b, &none)
         );
         assert_ne!(
-            step_key(Kind::Poison, &a, &none),
+            step_key(Kind::Evaluate, &a, &none),
             step_key(Kind::Dataset, &a, &none)
         );
         let c = serde_json::json!({"x": 2, "y": [1, 2], "z": {"b": 1, "a": 2}});
         assert_ne!(
-            step_key(Kind::Poison, &a, &none),
-            step_key(Kind::Poison, &c, &none)
+            step_key(Kind::Evaluate, &a, &none),
+            step_key(Kind::Evaluate, &c, &none)
         );
         let inp: BTreeMap<String, String> = [("data".to_string(), "k".to_string())].into();
         assert_ne!(
-            step_key(Kind::Poison, &a, &none),
-            step_key(Kind::Poison, &a, &inp)
+            step_key(Kind::Evaluate, &a, &none),
+            step_key(Kind::Evaluate, &a, &inp)
         );
         assert_eq!(canonical_json(&b), r#"{"x":1,"y":[1,2],"z":{"a":2,"b":1}}"#);
+    }
+
+    /// Every registered attack's poison steps are keyed by its own module's code: both
+    /// BadNets attacks by `poison/badnets`, Blended by `poison/blended`.
+    #[test]
+    fn each_attack_module_has_its_own_poison_identity() {
+        let of = |name: &str| {
+            let params = serde_json::json!({ "attack": { "name": name } });
+            (
+                identity_name(Kind::Poison, &params),
+                code_digest(Kind::Poison, &params),
+            )
+        };
+        for name in crate::attacks::names() {
+            let (id, _) = of(name);
+            assert!(
+                code::IDENTITIES.iter().any(|(n, _, _)| *n == id),
+                "{name}: no identity {id}"
+            );
+        }
+        assert_eq!(of("badnets-white").0, "poison/badnets");
+        assert_eq!(of("badnets-white"), of("badnets-pattern"));
+        assert_eq!(of("blended").0, "poison/blended");
+        assert_eq!(of("l2-inv").0, "poison/invisible-l2");
+        assert_ne!(of("blended").1, of("badnets-white").1);
     }
 }

@@ -18,10 +18,10 @@
 
 use std::path::Path;
 
+use crate::models::fused::gelu;
 use anyhow::{Result, bail};
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

@@ -7,6 +7,7 @@
 pub mod cait;
 pub mod deit;
 pub mod fused;
+pub mod fused_attention;
 pub mod import;
 pub mod logits;
 pub mod net;

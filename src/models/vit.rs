@@ -7,11 +7,10 @@
 //! The poisoned module f_p is the same model truncated to its first k blocks, with a fresh
 //! head ([`Vit::truncated`]).
 
-use super::fused::{layer_norm, softmax_last};
+use super::fused::{gelu, layer_norm, softmax_last};
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -138,10 +137,14 @@ impl Attention {
     pub fn forward_probed(&self, x: Tensor<3>, probe: Option<Tensor<4>>) -> Tensor<3> {
         let [b, n, d] = x.dims();
         let hd = d / self.heads;
-        // [B, N, 3, H, hd] -> [3, B, H, N, hd]
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = self.qkv.forward(x);
+        if probe.is_none()
+            && let Some(out) = super::fused_attention::self_attention(&qkv, self.heads)
+        {
+            return self.proj.forward(out);
+        }
+        // Burn's ops: [B, N, 3, H, hd] -> [3, B, H, N, hd]
+        let qkv = qkv
             .reshape([b, n, 3, self.heads, hd])
             .permute([2, 0, 3, 1, 4]);
         let q: Tensor<4> = qkv.clone().slice([0..1]).reshape([b, self.heads, n, hd]);

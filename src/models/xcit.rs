@@ -16,10 +16,9 @@ use burn::module::{Module, Param};
 use burn::nn::conv::Conv2d;
 use burn::nn::{BatchNorm, LayerNorm, Linear};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
 use super::cait::CaBlock;
-use super::fused::{layer_norm, softmax_last};
+use super::fused::{gelu, layer_norm, softmax_last};
 use super::net::{NetConfig, batch_norm, conv};
 use super::vit::{Init, LN_EPS, Mlp};
 

@@ -19,7 +19,8 @@ pub struct BenchResult {
     pub batch: usize,
     pub rows_per_step: usize,
     pub steps: usize,
-    pub seconds: f64,
+    /// Every timed step's seconds, in order.
+    pub step_seconds: Vec<f64>,
     pub params: usize,
     /// Threads of the rayon pool it ran in.
     pub threads: usize,
@@ -27,11 +28,13 @@ pub struct BenchResult {
 
 impl std::fmt::Display for BenchResult {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ips = (self.rows_per_step * self.steps) as f64 / self.seconds;
+        let rows = self.rows_per_step as f64;
         write!(
             f,
-            "{} throughput: {ips:.1} images/s ({} steps of {} rows, {}x{} px, {} params, backend {}, {} thread{}; {:.3}s/step)",
+            "{} throughput: {:.1} images/s at the median step, {:.1} on average ({} steps of {} rows, {}x{} px, {} params, backend {}, {} thread{}; median {:.3}s/step)",
             self.what,
+            rows / self.median(),
+            rows / self.mean(),
             self.steps,
             self.rows_per_step,
             self.image_size,
@@ -40,8 +43,26 @@ impl std::fmt::Display for BenchResult {
             self.backend,
             self.threads,
             if self.threads == 1 { "" } else { "s" },
-            self.seconds / self.steps as f64
+            self.median()
         )
+    }
+}
+
+impl BenchResult {
+    /// The median step's seconds (what PyTorch's reference script reports; robust to a
+    /// step slowed by something else running on the machine).
+    pub fn median(&self) -> f64 {
+        let mut s = self.step_seconds.clone();
+        s.sort_by(f64::total_cmp);
+        match s.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => s[n / 2],
+            n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+        }
+    }
+
+    pub fn mean(&self) -> f64 {
+        self.step_seconds.iter().sum::<f64>() / self.step_seconds.len() as f64
     }
 }
 
@@ -80,7 +101,7 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
         crate::spec::Views::Crop => &[View::Crop],
         crate::spec::Views::Plain => &[View::NoAug],
     };
-    let mut seconds = 0.0;
+    let mut step_seconds = Vec::with_capacity(steps);
     for s in 0..steps + 2 {
         let t0 = Instant::now();
         let xs = views(
@@ -106,7 +127,7 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
         };
         (model, _) = learning_step(model, &mut optim, &Plain(LossKind::Ce), &batch, &ad)?;
         if s >= 2 {
-            seconds += t0.elapsed().as_secs_f64();
+            step_seconds.push(t0.elapsed().as_secs_f64());
         }
     }
     Ok(BenchResult {
@@ -116,7 +137,7 @@ pub fn train_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> {
         batch: scale.batch_size,
         rows_per_step: scale.batch_size * wanted.len(),
         steps,
-        seconds,
+        step_seconds,
         params,
         threads: rayon::current_num_threads(),
     })
@@ -132,13 +153,13 @@ pub fn inference_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> 
     let (raw, meta, cfg) = setup(scale, scale.eval_batch_size);
     let model = Vit::new(&cfg, 0, &device);
     let params = model.num_params();
-    let mut seconds = 0.0;
+    let mut step_seconds = Vec::with_capacity(steps);
     for s in 0..steps + 2 {
         let t0 = Instant::now();
         let l = crate::train::logits(&model, &raw.train, &meta, scale.eval_batch_size, &device);
         assert_eq!(l.len(), raw.train.len());
         if s >= 2 {
-            seconds += t0.elapsed().as_secs_f64();
+            step_seconds.push(t0.elapsed().as_secs_f64());
         }
     }
     Ok(BenchResult {
@@ -148,7 +169,7 @@ pub fn inference_throughput(scale: &Scale, steps: usize) -> Result<BenchResult> 
         batch: scale.eval_batch_size,
         rows_per_step: scale.eval_batch_size,
         steps,
-        seconds,
+        step_seconds,
         params,
         threads: rayon::current_num_threads(),
     })
