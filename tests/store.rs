@@ -351,8 +351,8 @@ fn nonsense_settings_are_refused_before_any_work() {
             "smoke.pretrain.epochs",
         ),
         (
-            "stage1: { epochs: 15, lr: 3.0e-3, warmup_epochs: 1 }",
-            "stage1: { epochs: 15, lr: 3.0e-3, warmup_epochs: 16 }",
+            "stage1: { epochs: 15, lr: 5.0e-3, warmup_epochs: 1 }",
+            "stage1: { epochs: 15, lr: 5.0e-3, warmup_epochs: 16 }",
             "smoke.stage1.warmup_epochs",
         ),
         ("test: 320 }", "test: 0 }", "smoke.data.test"),
