@@ -45,15 +45,15 @@ fn the_default_spec_keeps_its_step_keys() {
         ("poison synthetic/badnets-white", "06aee583b028"),
         ("finetune synthetic/badnets-white/none", "e29abf57cb1c"),
         ("evaluate synthetic/badnets-white/none", "f8f57b3148a9"),
-        ("stage1 f_p synthetic/badnets-white", "93860a72e151"),
-        ("finetune synthetic/badnets-white/ieu", "3d9fc41bf8a8"),
-        ("evaluate synthetic/badnets-white/ieu", "3f3f03f1fe32"),
+        ("stage1 f_p synthetic/badnets-white", "05d35cae4b6f"),
+        ("finetune synthetic/badnets-white/ieu", "8078a2c7f8f9"),
+        ("evaluate synthetic/badnets-white/ieu", "78af84de8ca9"),
         ("poison synthetic/blended", "9d7736415587"),
         ("finetune synthetic/blended/none", "f57a804c172f"),
         ("evaluate synthetic/blended/none", "8e830caff460"),
-        ("stage1 f_p synthetic/blended", "0984aec08352"),
-        ("finetune synthetic/blended/ieu", "6858a4eb26a9"),
-        ("evaluate synthetic/blended/ieu", "f33d82e09a25"),
+        ("stage1 f_p synthetic/blended", "6f4de131f8f6"),
+        ("finetune synthetic/blended/ieu", "80f332364c45"),
+        ("evaluate synthetic/blended/ieu", "298df697866c"),
     ];
     for (label, key) in want {
         assert!(
