@@ -135,7 +135,12 @@ fn the_vit_moves_every_model_step_and_the_synthetic_generator_every_step() {
         "        let hd = d / self.heads + 0;",
     )]);
     assert!(!vit.contains(&"dataset".to_string()), "{vit:?}");
+    // Fixed-trigger attacks do not run a model; CAT's poison step trains an f_p.
+    for never in ["poison/badnets", "poison/blended"] {
+        assert!(!vit.contains(&never.to_string()), "{never} in {vit:?}");
+    }
     for must in [
+        "poison/cat",
         "pretrain",
         "stage1",
         "finetune/ieu",

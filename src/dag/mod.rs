@@ -70,24 +70,21 @@ pub mod code {
 /// Which code identity computes a step: the kind's, for `finetune` the defence's, and for
 /// `poison` the attack module's.
 pub fn identity_name(kind: Kind, params: &Value) -> String {
+    // `params.<field>.name`: the attack or defence the step runs.
+    let name = |field: &str| {
+        params
+            .get(field)
+            .and_then(|v| v.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+    };
     match kind {
         Kind::Poison => {
-            let a = params
-                .get("attack")
-                .and_then(|a| a.get("name"))
-                .and_then(Value::as_str)
-                .unwrap_or("?");
+            let a = name("attack");
             let module = crate::attacks::registered(a).map_or(a, |a| a.module());
             format!("poison/{}", module.replace('_', "-"))
         }
-        Kind::Finetune => {
-            let d = params
-                .get("defence")
-                .and_then(|d| d.get("name"))
-                .and_then(Value::as_str)
-                .unwrap_or("?");
-            format!("finetune/{d}")
-        }
+        Kind::Finetune => format!("finetune/{}", name("defence")),
         k => k.name().to_string(),
     }
 }
