@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=Cargo.lock");
     // The numeric crates' features are read from the manifest (`numeric_dependencies`).
     println!("cargo:rerun-if-changed=Cargo.toml");
+    println!("cargo:rerun-if-changed=patches");
     println!("cargo:rerun-if-changed=build.rs");
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let (ids, deps, debug) = identities(&root);

@@ -100,7 +100,11 @@ struct Crate {
 pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String) {
     let mut krate = Crate::default();
     load_module(&mut krate, &root.join("src/lib.rs"), &root.join("src"), "");
-    let deps = numeric_dependencies(&root.join("Cargo.lock"), &root.join("Cargo.toml"));
+    let mut deps = numeric_dependencies(&root.join("Cargo.lock"), &root.join("Cargo.toml"));
+    let patched = patched_sources(&root.join("patches"));
+    if !patched.is_empty() {
+        deps.push_str(&format!(", patched sources {patched}"));
+    }
     let index = Index::new(&krate);
     let mut debug = String::new();
     let mut ids = Vec::new();
@@ -272,6 +276,40 @@ fn numeric_dependencies(lock: &Path, manifest: &Path) -> String {
         }
     }
     found.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+/// blake3 of every file under `patches/` (the crates patched in `[patch.crates-io]`),
+/// path and content, in path order; empty when there is no such directory. Their versions
+/// in Cargo.lock do not change when their source does, so the source itself is hashed.
+fn patched_sources(dir: &Path) -> String {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files);
+    if files.is_empty() {
+        return String::new();
+    }
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    for f in &files {
+        let rel = f.strip_prefix(dir).unwrap_or(f).to_string_lossy().replace('\\', "/");
+        h.update(rel.as_bytes());
+        h.update(&[0]);
+        h.update(&std::fs::read(f).unwrap_or_default());
+        h.update(&[0]);
+    }
+    h.finalize().to_hex()[..16].to_string()
 }
 
 fn is_cfg_test(attrs: &[syn::Attribute]) -> bool {

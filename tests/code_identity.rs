@@ -10,10 +10,13 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A copy of `src/` and `Cargo.lock` in a temporary directory.
+/// A copy of `src/`, `patches/`, `Cargo.lock` and `Cargo.toml` in a temporary directory.
 fn copy_tree() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for entry in walkdir::WalkDir::new(root().join("src")) {
+    let trees = walkdir::WalkDir::new(root().join("src"))
+        .into_iter()
+        .chain(walkdir::WalkDir::new(root().join("patches")));
+    for entry in trees {
         let entry = entry.unwrap();
         let rel = entry.path().strip_prefix(root()).unwrap();
         let dst = dir.path().join(rel);
@@ -226,6 +229,16 @@ fn a_numeric_feature_moves_everything() {
         "Cargo.toml",
         "burn-flex = { version = \"0.22.1\", default-features = false, features = [",
         "burn-flex = { version = \"0.22.1\", default-features = false, features = [\"fft\", ",
+    )]);
+    assert_eq!(moved.len(), ids(&root()).len(), "{moved:?}");
+}
+
+#[test]
+fn an_edit_to_a_patched_crate_moves_everything() {
+    let moved = changed_by(&[(
+        "patches/burn-flex/src/tensor.rs",
+        "Bytes::from_elems(alloc::vec![0u128; len / 16])",
+        "Bytes::from_elems(alloc::vec![0u128; len / 16 + 0])",
     )]);
     assert_eq!(moved.len(), ids(&root()).len(), "{moved:?}");
 }
