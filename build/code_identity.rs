@@ -278,9 +278,10 @@ fn numeric_dependencies(lock: &Path, manifest: &Path) -> String {
     found.into_iter().collect::<Vec<_>>().join(", ")
 }
 
-/// blake3 of every file under `patches/` (the crates patched in `[patch.crates-io]`),
-/// path and content, in path order; empty when there is no such directory. Their versions
-/// in Cargo.lock do not change when their source does, so the source itself is hashed.
+/// blake3 of the source of the crates under `patches/` (those patched in
+/// `[patch.crates-io]`): every `.rs` file and `Cargo.toml`, path and content, in path order;
+/// empty when there are none. Their versions in Cargo.lock do not change when their source
+/// does, so the source itself is hashed (their notes and READMEs are not).
 fn patched_sources(dir: &Path) -> String {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -290,7 +291,9 @@ fn patched_sources(dir: &Path) -> String {
             let p = e.path();
             if p.is_dir() {
                 walk(&p, out);
-            } else {
+            } else if p.extension().is_some_and(|x| x == "rs")
+                || p.file_name().is_some_and(|n| n == "Cargo.toml")
+            {
                 out.push(p);
             }
         }

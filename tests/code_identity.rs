@@ -244,6 +244,16 @@ fn an_edit_to_a_patched_crate_moves_everything() {
 }
 
 #[test]
+fn notes_beside_a_patched_crate_move_nothing() {
+    let moved = changed_by(&[(
+        "patches/README.md",
+        "# Patched crates",
+        "# Patched crates, notes",
+    )]);
+    assert!(moved.is_empty(), "{moved:?}");
+}
+
+#[test]
 fn a_dependency_upgrade_moves_everything() {
     let moved = changed_by(&[(
         "Cargo.lock",
