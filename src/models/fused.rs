@@ -31,6 +31,7 @@ use burn::backend::{BackendTypes, TensorMetadata};
 use burn::nn::LayerNorm;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
+use multiversion::multiversion;
 
 pub(super) type Ad = Autodiff<Flex>;
 
@@ -237,7 +238,28 @@ fn layer_norm_forward(
     let mut y = vec![0f32; n];
     let mut x_hat = vec![0f32; n];
     let mut rstd = vec![0f32; rows];
-    for r in 0..rows {
+    layer_norm_rows(x, gamma, beta, eps, d, &mut y, &mut x_hat, &mut rstd);
+    (flex(y, shape.clone()), flex(x_hat, shape), rstd)
+}
+
+/// The rows of `layer_norm_forward`, compiled for the CPU's SIMD level (every level
+/// computes the same bits: no reassociation, no fused multiply-add).
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+avx+fma+sse4.2",
+    "x86_64+avx2+avx+fma+sse4.2"
+))]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_rows(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    d: usize,
+    y: &mut [f32],
+    x_hat: &mut [f32],
+    rstd: &mut [f32],
+) {
+    for r in 0..rstd.len() {
         let row = &x[r * d..(r + 1) * d];
         let mean = row.iter().sum::<f32>() / d as f32;
         let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
@@ -250,7 +272,6 @@ fn layer_norm_forward(
             yr[i] = h * gamma[i] + beta[i];
         }
     }
-    (flex(y, shape.clone()), flex(x_hat, shape), rstd)
 }
 
 /// ∂x, ∂γ, ∂β of the layer norm from x̂, r, γ and ∂y.
@@ -268,6 +289,31 @@ fn layer_norm_backward(
     let mut dx = vec![0f32; n];
     let mut dgamma = vec![0f32; d];
     let mut dbeta = vec![0f32; d];
+    layer_norm_grad_rows(h, rstd, gamma, dy, d, &mut dx, &mut dgamma, &mut dbeta);
+    (
+        flex(dx, shape),
+        flex(dgamma, Shape::new([d])),
+        flex(dbeta, Shape::new([d])),
+    )
+}
+
+/// The rows of `layer_norm_backward`, compiled for the CPU's SIMD level (same bits on
+/// every level).
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+avx+fma+sse4.2",
+    "x86_64+avx2+avx+fma+sse4.2"
+))]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_grad_rows(
+    h: &[f32],
+    rstd: &[f32],
+    gamma: &[f32],
+    dy: &[f32],
+    d: usize,
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
     let mut g = vec![0f32; d];
     for (r, &s) in rstd.iter().enumerate() {
         let (hr, dyr) = (&h[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
@@ -286,11 +332,6 @@ fn layer_norm_backward(
             dxr[i] = s * (g[i] - mean_g - hr[i] * mean_gh);
         }
     }
-    (
-        flex(dx, shape),
-        flex(dgamma, Shape::new([d])),
-        flex(dbeta, Shape::new([d])),
-    )
 }
 
 /// ∂x of a softmax over the last axis from its output y and ∂y.
@@ -315,21 +356,35 @@ fn softmax_backward(y: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
 
 /// y = x·Φ(x) elementwise.
 fn gelu_forward(x: &FlexTensor) -> FlexTensor {
-    let dense = Dense::of(x);
-    let y = dense.values().iter().map(|&v| v * phi(v)).collect();
-    flex(y, x.shape())
+    flex(gelu_values(Dense::of(x).values()), x.shape())
+}
+
+/// x·Φ(x) for every value, compiled for the CPU's SIMD level (same bits on every level).
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+avx+fma+sse4.2",
+    "x86_64+avx2+avx+fma+sse4.2"
+))]
+fn gelu_values(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| v * phi(v)).collect()
 }
 
 /// ∂x = ∂y·(Φ(x) + x·φ(x)) elementwise.
 fn gelu_backward(x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
     let (xs, dys) = (Dense::of(x), Dense::of(dy));
-    let dx = xs
-        .values()
-        .iter()
-        .zip(dys.values())
+    flex(gelu_grad_values(xs.values(), dys.values()), x.shape())
+}
+
+/// ∂y·(Φ(x) + x·φ(x)) for every value, compiled for the CPU's SIMD level (same bits on
+/// every level).
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+avx+fma+sse4.2",
+    "x86_64+avx2+avx+fma+sse4.2"
+))]
+fn gelu_grad_values(x: &[f32], dy: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(dy)
         .map(|(&v, &g)| g * (phi(v) + v * INV_SQRT_2PI * exp(-0.5 * v * v)))
-        .collect();
-    flex(dx, x.shape())
+        .collect()
 }
 
 const INV_SQRT_2PI: f32 = 0.398_942_3;

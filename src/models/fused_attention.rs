@@ -31,6 +31,7 @@ use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use burn::tensor::DType;
 use gemm::Parallelism;
+use multiversion::multiversion;
 
 use super::fused::{Ad, Dense, exp, flex};
 
@@ -213,9 +214,7 @@ fn forward(qkv: &[f32], s: Dims, keep: bool) -> (Vec<f32>, Vec<f32>) {
             unsafe {
                 matmul(n, n, s.hd, p.as_mut_ptr(), n, q, k.t(), s.scale());
             }
-            for r in p.chunks_exact_mut(n) {
-                softmax_row(r);
-            }
+            softmax_rows(p, n);
             let pv = View {
                 ptr: p.as_ptr(),
                 rs: n as isize,
@@ -265,13 +264,7 @@ fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], s: Dims) -> Vec<f32> {
                 // ∂P = ∂O·Vᵀ
                 matmul(n, n, s.hd, ds.as_mut_ptr(), n, dov, v.t(), 1.0);
             }
-            // ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P))
-            for (dr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
-                let dot = dot(dr, pr);
-                for (g, y) in dr.iter_mut().zip(pr) {
-                    *g = y * (*g - dot);
-                }
-            }
+            softmax_grad_rows(&mut ds, p, n);
             let dsv = View {
                 ptr: ds.as_ptr(),
                 rs: n as isize,
@@ -287,9 +280,37 @@ fn backward(qkv: &[f32], probs: &[f32], dout: &[f32], s: Dims) -> Vec<f32> {
     dqkv
 }
 
+/// `softmax_row` for each row of n values, compiled for the CPU's SIMD level (every level
+/// computes the same bits: no reassociation, no fused multiply-add).
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+avx+fma+sse4.2",
+    "x86_64+avx2+avx+fma+sse4.2"
+))]
+fn softmax_rows(p: &mut [f32], n: usize) {
+    for r in p.chunks_exact_mut(n) {
+        softmax_row(r);
+    }
+}
+
+/// ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) in place of ∂P, row by row, compiled for the CPU's SIMD
+/// level (same bits on every level).
+#[multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512bw+avx512dq+avx2+avx+fma+sse4.2",
+    "x86_64+avx2+avx+fma+sse4.2"
+))]
+fn softmax_grad_rows(ds: &mut [f32], p: &[f32], n: usize) {
+    for (dr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+        let dot = dot(dr, pr);
+        for (g, y) in dr.iter_mut().zip(pr) {
+            *g = y * (*g - dot);
+        }
+    }
+}
+
 /// Softmax of one row in place: y = e^(x − max x) / Σ e^(x − max x). The exponentials
 /// are one branch-free pass (it vectorises); the max and the sum run in eight lanes, a
 /// fixed order, so the result does not depend on anything but the row.
+#[inline(always)]
 fn softmax_row(r: &mut [f32]) {
     let max = lanes(r, f32::NEG_INFINITY, f32::max);
     for x in r.iter_mut() {
@@ -302,6 +323,7 @@ fn softmax_row(r: &mut [f32]) {
 }
 
 /// Σ a·b in eight lanes.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

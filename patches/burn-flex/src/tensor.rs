@@ -252,6 +252,50 @@ impl FlexTensor {
         }
     }
 
+    /// ieu-bench patch: a contiguous tensor whose every element `fill` writes before
+    /// anything reads it (a GEMM output computed with `read_dst = false`, which overwrites
+    /// its destination). Skips `empty`'s zero-fill, a memset over every matmul output that
+    /// took about 7% of a training step of ieu-bench's cpu-scale ViT. When the byte length
+    /// is not a multiple of 16 the buffer is zeroed first, as `empty` does.
+    pub(crate) fn filled_by<T: Element + bytemuck::Pod>(
+        shape: Shape,
+        dtype: DType,
+        fill: impl FnOnce(&mut [core::mem::MaybeUninit<T>]),
+    ) -> Self {
+        debug_assert_eq!(dtype_size(dtype), core::mem::size_of::<T>());
+        let num_elements = shape.num_elements();
+        let len = num_elements * core::mem::size_of::<T>();
+        if len % 16 != 0 || core::mem::align_of::<T>() > 16 {
+            let mut tensor = Self::empty(shape, dtype);
+            let storage: &mut [T] = tensor.storage_mut();
+            // SAFETY: `MaybeUninit<T>` has the layout of `T`, and every value is initialised.
+            let storage = unsafe {
+                &mut *(storage as *mut [T] as *mut [core::mem::MaybeUninit<T>])
+            };
+            fill(storage);
+            return tensor;
+        }
+        let words = len / 16;
+        let mut buffer: Vec<u128> = Vec::with_capacity(words);
+        // SAFETY: the spare capacity holds `words` 16-aligned u128s, i.e. `num_elements`
+        // properly aligned `T`s (size_of::<T>() * num_elements == 16 * words).
+        let out = unsafe {
+            core::slice::from_raw_parts_mut(
+                buffer.as_mut_ptr() as *mut core::mem::MaybeUninit<T>,
+                num_elements,
+            )
+        };
+        fill(out);
+        // SAFETY: `fill` wrote every element (the caller's contract), so all `words`
+        // u128s are initialised.
+        unsafe { buffer.set_len(words) };
+        Self {
+            data: Arc::new(Bytes::from_elems(buffer)),
+            layout: Layout::contiguous(shape),
+            dtype,
+        }
+    }
+
     /// Create a tensor filled with zeros.
     pub fn zeros(shape: Shape, dtype: DType) -> Self {
         Self::empty(shape, dtype)
