@@ -573,7 +573,13 @@ pub fn metric_title(m: &str) -> &'static str {
         "poison_flagged" => "Poison",
         "clean_flagged" => "Clean",
         "ca_unseen" => "CA (unseen)",
-        _ => "Unlearn steps",
+        "unlearn_steps" => "Unlearn steps",
+        "unlearn_factor" => "Eq. 3 factor",
+        "unlearn_loss" => "Unlearn loss",
+        "pretrain_accuracy" => "Checkpoint acc.",
+        "pretrain_confidence" => "Checkpoint conf.",
+        // The spec checks metric names against `spec::METRICS` before a report is built.
+        _ => "?",
     }
 }
 
@@ -588,4 +594,17 @@ pub fn cell_key(row_axes: &[String], labels: &[String], col_axis: &str, group: &
         "{}/{}/{}",
         parts["dataset"], parts["attack"], parts["defence"]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_metric_has_its_own_column_title() {
+        let titles: std::collections::BTreeSet<&str> = crate::spec::METRICS
+            .iter()
+            .map(|m| super::metric_title(m))
+            .collect();
+        assert_eq!(titles.len(), crate::spec::METRICS.len(), "{titles:?}");
+        assert!(!titles.contains("?"), "{titles:?}");
+    }
 }
