@@ -123,6 +123,20 @@ pub fn identities(root: &Path) -> (Vec<(String, String, usize)>, String, String)
         roots.push(format!("attacks::{module}::run"));
         all.push((format!("poison/{}", module.replace('_', "-")), roots));
     }
+    // The `dataset` kind: one identity per format module of `src/data` (those with a
+    // `pub fn source`), rooted at that `source` and the kind's own roots (the common split),
+    // so an edit to the synthetic generator moves no CIFAR-10 key.
+    let dataset_roots = all
+        .iter()
+        .find(|(kind, _)| kind == "dataset")
+        .map(|(_, roots)| roots.clone())
+        .unwrap_or_default();
+    all.retain(|(kind, _)| kind != "dataset");
+    for module in source_modules(&root.join("src/data")) {
+        let mut roots = dataset_roots.clone();
+        roots.push(format!("data::{module}::source"));
+        all.push((format!("dataset/{module}"), roots));
+    }
     for module in registry_modules(&root.join("src/defences/mod.rs")) {
         let run = format!("defences::{module}::run");
         let has_run = krate.nodes.iter().any(|n| {
@@ -214,6 +228,23 @@ pub fn kind_roots(table: &Path) -> Vec<(String, Vec<String>)> {
             .unwrap_or_default();
         out.push((kind.to_lowercase(), roots));
     }
+    out
+}
+
+/// The modules of `dir` (one file each) that define `pub fn source(`: the dataset formats,
+/// sorted by name.
+pub fn source_modules(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("build.rs: cannot read {}: {e}", dir.display()))
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let module = path.file_stem()?.to_str()?.to_string();
+            let text = std::fs::read_to_string(&path).ok()?;
+            (path.extension()? == "rs" && module != "mod" && text.contains("\npub fn source("))
+                .then_some(module)
+        })
+        .collect();
+    out.sort();
     out
 }
 

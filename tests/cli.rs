@@ -45,7 +45,7 @@ fn quick_smoke_scales(dir: &Path) {
             "data: { pretrain: 320, tune: 320, test: 160 }",
         ),
         (
-            "pretrain: { view: flip, epochs: 20,",
+            "pretrain: { view: flip, epochs: 60,",
             "pretrain: { view: flip, epochs: 2,",
         ),
         ("stage1: { epochs: 15,", "stage1: { epochs: 2,"),

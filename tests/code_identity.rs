@@ -157,7 +157,40 @@ fn the_vit_moves_every_model_step_and_the_synthetic_generator_every_step() {
         "let (img, label) = render(seed, 1, i as u64, size);",
         "let (img, label) = render(seed, 2, i as u64, size);",
     )]);
-    assert!(data.contains(&"dataset".to_string()), "{data:?}");
+    assert_eq!(data, ["dataset/synthetic"]);
+}
+
+#[test]
+fn each_dataset_format_moves_only_its_own_steps() {
+    let names: Vec<String> = ids(&root()).into_keys().collect();
+    let formats: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.starts_with("dataset/"))
+        .collect();
+    assert_eq!(
+        formats,
+        [
+            "dataset/cifar10",
+            "dataset/gtsrb",
+            "dataset/imagefolder",
+            "dataset/synthetic",
+            "dataset/tinyimagenet"
+        ]
+    );
+    // The common split moves every format.
+    let moved = changed_by(&[(
+        "src/data/mod.rs",
+        "let mut rng = ChaCha8Rng::seed_from_u64(p.seed ^ 0xDA7A);",
+        "let mut rng = ChaCha8Rng::seed_from_u64(p.seed ^ 0xDA7B);",
+    )]);
+    assert_eq!(moved, formats);
+    // CIFAR-10's reader moves CIFAR-10's steps only.
+    let moved = changed_by(&[(
+        "src/data/cifar10.rs",
+        "pub fn load(dir: &Path) -> Result<RawSplits> {",
+        "pub fn load(dir: &Path) -> Result<RawSplits> {\n    let _ = 1 + 1;",
+    )]);
+    assert_eq!(moved, ["dataset/cifar10"]);
 }
 
 #[test]

@@ -146,7 +146,7 @@ fn slower_spec(dir: &Path) -> PathBuf {
     std::fs::copy(root.join("experiments/default.yaml"), dir.join("spec.yaml")).unwrap();
     let scales = std::fs::read_to_string(root.join("experiments/scales.yaml")).unwrap();
     let smoke = &scales[..scales.find("\ncpu:").unwrap()];
-    assert!(smoke.contains("pretrain: { view: flip, epochs: 20,"));
+    assert!(smoke.contains("pretrain: { view: flip, epochs: 60,"));
     std::fs::write(dir.join("scales.yaml"), smoke).unwrap();
     dir.join("spec.yaml")
 }
@@ -346,7 +346,7 @@ fn nonsense_settings_are_refused_before_any_work() {
             "smoke.finetune.epochs",
         ),
         (
-            "pretrain: { view: flip, epochs: 20,",
+            "pretrain: { view: flip, epochs: 60,",
             "pretrain: { view: flip, epochs: 0,",
             "smoke.pretrain.epochs",
         ),

@@ -6,7 +6,8 @@
 //! identity (nothing reaches it from a root), so keep arithmetic out of it. The `finetune`
 //! kind has one identity per registered defence (`finetune/<name>`, rooted at the
 //! defence's `run`; see `crate::defences`); the `poison` kind's identity is rooted at the
-//! `run` of every module in `crate::attacks::REGISTRY`.
+//! `run` of every module in `crate::attacks::REGISTRY`, and the `dataset` kind's at the
+//! `source` of each format module of `crate::data` (`dataset/<module>`).
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +33,7 @@ pub struct KindDef {
 pub static KINDS: &[KindDef] = &[
     KindDef {
         kind: Kind::Dataset,
-        roots: &["data::run_dataset_step"],
+        roots: &["data::split_and_save"],
         run: dataset,
     },
     KindDef {

@@ -67,8 +67,8 @@ pub mod code {
     include!(concat!(env!("OUT_DIR"), "/code_identity.rs"));
 }
 
-/// Which code identity computes a step: the kind's, for `finetune` the defence's, and for
-/// `poison` the attack module's.
+/// Which code identity computes a step: the kind's, for `finetune` the defence's, for
+/// `poison` the attack module's, and for `dataset` the format module's.
 pub fn identity_name(kind: Kind, params: &Value) -> String {
     // `params.<field>.name`: the attack or defence the step runs.
     let name = |field: &str| {
@@ -85,6 +85,12 @@ pub fn identity_name(kind: Kind, params: &Value) -> String {
             format!("poison/{}", module.replace('_', "-"))
         }
         Kind::Finetune => format!("finetune/{}", name("defence")),
+        Kind::Dataset => {
+            let field = |f: &str| params.get(f).and_then(Value::as_str);
+            let module = crate::data::Format::of(field("name").unwrap_or("?"), field("format"))
+                .map_or("?", |f| f.module());
+            format!("dataset/{module}")
+        }
         k => k.name().to_string(),
     }
 }
@@ -281,7 +287,7 @@ mod tests {
         );
         assert_ne!(
             step_key(Kind::Evaluate, &a, &none),
-            step_key(Kind::Dataset, &a, &none)
+            step_key(Kind::Pretrain, &a, &none)
         );
         let c = serde_json::json!({"x": 2, "y": [1, 2], "z": {"b": 1, "a": 2}});
         assert_ne!(
@@ -319,5 +325,26 @@ mod tests {
         assert_eq!(of("blended").0, "poison/blended");
         assert_eq!(of("l2-inv").0, "poison/invisible-l2");
         assert_ne!(of("blended").1, of("badnets-white").1);
+    }
+
+    /// Each dataset format's steps are keyed by its own module's code: an imagefolder entry
+    /// by `dataset/imagefolder`, CIFAR-10 by `dataset/cifar10`.
+    #[test]
+    fn each_dataset_format_has_its_own_identity() {
+        let of = |name: &str, format: Option<&str>| {
+            let mut params = serde_json::json!({ "name": name, "image_size": 32 });
+            if let Some(f) = format {
+                params["format"] = f.into();
+            }
+            (
+                identity_name(Kind::Dataset, &params),
+                code_digest(Kind::Dataset, &params),
+            )
+        };
+        for name in ["synthetic", "cifar10", "gtsrb", "tinyimagenet"] {
+            assert_eq!(of(name, None).0, format!("dataset/{name}"));
+        }
+        assert_eq!(of("mydata", Some("imagefolder")).0, "dataset/imagefolder");
+        assert_ne!(of("synthetic", None).1, of("cifar10", None).1);
     }
 }

@@ -109,6 +109,11 @@ fn read_batch(path: &Path, into: &mut ImageSet, records: usize) -> Result<()> {
     Ok(())
 }
 
+/// The samples of the `dataset` step (the root of its code identity, `dataset/cifar10`).
+pub fn source(dir: &Path) -> Result<super::Source> {
+    Ok(super::Source::Memory(load(dir)?))
+}
+
 pub fn load(dir: &Path) -> Result<RawSplits> {
     load_records(dir, RECORDS_PER_BATCH)
 }

@@ -145,6 +145,11 @@ fn test_csv(dir: &Path) -> Result<PathBuf> {
     )
 }
 
+/// The samples of the `dataset` step (the root of its code identity, `dataset/gtsrb`).
+pub fn source(dir: &Path) -> Result<super::Source> {
+    Ok(super::Source::Files(index(dir)?))
+}
+
 /// Lists every sample (no image is decoded).
 pub fn index(dir: &Path) -> Result<FileSplits> {
     let train_dir = require_dir(dir.join("Final_Training/Images"), "GTSRB training images")?;

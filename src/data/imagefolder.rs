@@ -50,6 +50,11 @@ pub fn find(root: &Path, what: &str) -> Result<PathBuf> {
     Ok(root.to_path_buf())
 }
 
+/// The samples of the `dataset` step (the root of its code identity, `dataset/imagefolder`).
+pub fn source(dir: &Path) -> Result<super::Source> {
+    Ok(super::Source::Files(index(dir)?))
+}
+
 /// Lists every sample (no image is decoded).
 pub fn index(root: &Path) -> Result<FileSplits> {
     let train_dir = require_dir(root.join("train"), "ImageFolder training split")?;

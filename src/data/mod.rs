@@ -183,6 +183,18 @@ impl Format {
             other => bail!("not implemented yet: dataset {other}"),
         })
     }
+
+    /// The module under `src/data` that reads this format; the dataset step's code
+    /// identity is `dataset/<module>`.
+    pub fn module(self) -> &'static str {
+        match self {
+            Format::Synthetic => "synthetic",
+            Format::Cifar10 => "cifar10",
+            Format::Gtsrb => "gtsrb",
+            Format::TinyImageNet => "tinyimagenet",
+            Format::ImageFolder => "imagefolder",
+        }
+    }
 }
 
 /// The directory a dataset is read from: `root` for a spec's `datasets:` entry, else
@@ -311,7 +323,7 @@ impl RawSplits {
 }
 
 /// A dataset's samples: decoded in memory, or image files decoded on demand.
-enum Source {
+pub enum Source {
     Memory(RawSplits),
     Files(files::FileSplits),
 }
@@ -363,10 +375,15 @@ pub fn pretrain_size(name: &str, pretrain: usize, tune: usize, available: usize)
     Ok(left)
 }
 
-/// Runs the `dataset` step: reads or generates the data, splits it into disjoint pretrain
-/// and tune subsets (a seeded permutation of the training split), and writes
-/// `pretrain.safetensors`, `tune.safetensors`, `test.safetensors` and `meta.json`. Datasets
-/// of image files decode only the images the subsets use. `root` is a spec entry's folder.
+/// Runs the `dataset` step: reads or generates the data (the format module's `source`),
+/// splits it into disjoint pretrain and tune subsets (a seeded permutation of the training
+/// split), and writes `pretrain.safetensors`, `tune.safetensors`, `test.safetensors` and
+/// `meta.json`. Datasets of image files decode only the images the subsets use. `root` is a
+/// spec entry's folder.
+///
+/// This function only routes: each format's step is keyed by its own code identity,
+/// `dataset/<module>`, rooted at that module's `source` and at [`split_and_save`], so an
+/// edit to the synthetic generator moves no CIFAR-10 key (`build/code_identity.rs`).
 pub fn run_dataset_step(
     p: &DatasetParams,
     data_dir: Option<&Path>,
@@ -375,31 +392,30 @@ pub fn run_dataset_step(
 ) -> Result<DatasetMeta> {
     let fmt = Format::of(&p.name, p.format.as_deref())?;
     let src = match find(fmt, data_dir, root)? {
-        None => Source::Memory(synthetic::generate(
-            p.seed,
-            p.pretrain + p.tune,
-            p.test,
-            p.image_size,
-        )),
+        None => synthetic::source(p),
         Some(dir) => {
-            let files = index(fmt, &dir)?;
-            let digest = match &files {
-                Some(f) => f.digest()?,
-                None => cifar10::digest(&dir)?,
-            };
-            if Some(&digest) != p.source_digest.as_ref() {
+            if Some(&digest(fmt, &dir)?) != p.source_digest.as_ref() {
                 bail!(
                     "dataset {}: the files in {} changed since planning; run again",
                     p.name,
                     dir.display()
                 );
             }
-            match files {
-                Some(f) => Source::Files(f),
-                None => Source::Memory(cifar10::load(&dir)?),
+            match fmt {
+                Format::Synthetic => synthetic::source(p),
+                Format::Cifar10 => cifar10::source(&dir)?,
+                Format::Gtsrb => gtsrb::source(&dir)?,
+                Format::TinyImageNet => tinyimagenet::source(&dir)?,
+                Format::ImageFolder => imagefolder::source(&dir)?,
             }
         }
     };
+    split_and_save(p, &src, out)
+}
+
+/// The common part of every `dataset` step: the seeded split of a format's samples into
+/// pretrain, tune and test subsets, written to `out`.
+pub fn split_and_save(p: &DatasetParams, src: &Source, out: &Path) -> Result<DatasetMeta> {
     let (n_train, n_test) = src.lens();
     let (n_pre, want_train) = if p.whole_train_as_tune {
         (0, n_train)

@@ -1,11 +1,18 @@
 //! A procedurally generated 10-class dataset: the zero-data default and the test fixture.
 //!
-//! Every image shows one shape class (disk, square, triangle, stripes, ring, …) in a random
-//! colour, position, size and tilt over a random two-colour gradient cluttered with strokes
-//! and small shapes of other classes, under pixel noise. Classes are genuinely visual and
-//! learnable, not noise, and hard enough that a shallow model is unsure of many of them
-//! (see `render`). Each image is a pure function of (seed, split, index), so the dataset is
-//! identical wherever it is generated.
+//! Every image shows one large shape (disk, square, triangle, diamond, bar, ring, plus,
+//! cross, corner, two dots) at a random position, size and tilt over a random two-colour
+//! gradient, cluttered with strokes and small shapes of the other classes, under pixel
+//! noise. The class is the large shape's outline only: its fill (solid, stripes or checks
+//! at a random angle and period, in two colours) is drawn independently of the class, so no
+//! local texture tells the class, and the clutter puts every outline's edges where the class
+//! is not. A deep ViT learns the classes (the cpu scale's checkpoint: 74% test accuracy);
+//! IEU's one-block f_p stays unsure of almost every clean image (at 0.99 it is sure of 2.5%
+//! and 5.5% of the clean BadNets-white and Blended finetuning images), as on natural
+//! images — the premise of IEU's gate. With class-specific textures (stripes, checks) as
+//! classes, the one-block f_p was sure of 30% of the clean images and IEU unlearned most of
+//! the data (README, "What the default shows"). Each image is a pure function of (seed,
+//! split, index), so the dataset is identical wherever it is generated.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -13,9 +20,14 @@ use rand_chacha::ChaCha8Rng;
 use super::{ImageSet, RawSplits};
 
 pub const CLASSES: [&str; 10] = [
-    "disk", "square", "triangle", "hstripes", "vstripes", "ring", "plus", "cross", "checker",
-    "twodots",
+    "disk", "square", "triangle", "diamond", "bar", "ring", "plus", "cross", "corner", "twodots",
 ];
+
+/// The samples of the `dataset` step (the root of its code identity, `dataset/synthetic`):
+/// `pretrain + tune` training images and `test` test images.
+pub fn source(p: &super::DatasetParams) -> super::Source {
+    super::Source::Memory(generate(p.seed, p.pretrain + p.tune, p.test, p.image_size))
+}
 
 pub fn generate(seed: u64, train: usize, test: usize, size: usize) -> RawSplits {
     let mut tr = ImageSet::new(size);
@@ -37,6 +49,7 @@ pub fn generate(seed: u64, train: usize, test: usize, size: usize) -> RawSplits 
     }
 }
 
+/// Whether (dx, dy), relative to a shape's centre, is inside `class`'s shape of radius `r`.
 fn inside(class: u16, dx: f32, dy: f32, r: f32) -> bool {
     let d = (dx * dx + dy * dy).sqrt();
     let m = dx.abs().max(dy.abs());
@@ -44,21 +57,16 @@ fn inside(class: u16, dx: f32, dy: f32, r: f32) -> bool {
         0 => d < r,
         1 => m < r * 0.85,
         2 => dy > -r && dy < r && dx.abs() < (dy + r) * 0.5,
-        3 => m < r && ((dy + r) / (r / 2.5)).floor() as i32 % 2 == 0,
-        4 => m < r && ((dx + r) / (r / 2.5)).floor() as i32 % 2 == 0,
-        5 => d < r && d > r * 0.6,
-        6 => (dx.abs() < r * 0.3 && dy.abs() < r) || (dy.abs() < r * 0.3 && dx.abs() < r),
-        7 => m < r && (dx.abs() - dy.abs()).abs() < r * 0.28,
-        8 => {
-            m < r
-                && (((dx + r) / (r / 2.0)).floor() as i32 + ((dy + r) / (r / 2.0)).floor() as i32)
-                    % 2
-                    == 0
-        }
+        3 => dx.abs() + dy.abs() < r * 1.1,
+        4 => dx.abs() < r && dy.abs() < r * 0.45,
+        5 => d < r && d > r * 0.35,
+        6 => (dx.abs() < r * 0.33 && dy.abs() < r) || (dy.abs() < r * 0.33 && dx.abs() < r),
+        7 => m < r && (dx.abs() - dy.abs()).abs() < r * 0.42,
+        8 => m < r * 0.9 && (dx < -r * 0.25 || dy > r * 0.25),
         _ => {
             let a = ((dx + r * 0.5).powi(2) + dy * dy).sqrt();
             let b = ((dx - r * 0.5).powi(2) + dy * dy).sqrt();
-            a < r * 0.42 || b < r * 0.42
+            a < r * 0.45 || b < r * 0.45
         }
     }
 }
@@ -94,11 +102,9 @@ impl Distractor {
 
 /// Renders image `index` of `split` (0 train, 1 test): CHW bytes and its label.
 ///
-/// The class is the large shape; its position, size, tilt (±20°) and contrast vary, one or
-/// two strokes (as thick as a stripe at most) and two to four small shapes of other classes
-/// clutter the background, and pixel noise of up to 12% covers everything. A deep ViT
-/// learns the classes (the cpu scale's checkpoint: 88% test accuracy); IEU's one-block f_p
-/// stays unsure of most clean images, as on natural images — the premise of IEU's gate.
+/// The class is the large shape's outline; its position, size, tilt (±20°), contrast and
+/// fill vary, one or two thin strokes and two to four small shapes of other classes clutter
+/// the background, and pixel noise of up to 8% covers everything.
 pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) {
     let mixed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (split << 62)
@@ -140,7 +146,14 @@ pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) 
             }
         })
         .collect();
-    let noise: f32 = rng.random_range(0.02..0.12);
+    let noise: f32 = rng.random_range(0.02..0.08);
+    // The shape's fill, independent of the class: solid, stripes or checks (0, 1, 2) of
+    // `fg` and `fg2`, at angle `phi`, with a period of 2 to 4 pixels at 32x32.
+    let fill: u32 = rng.random_range(0..3);
+    let fg2: [f32; 3] = std::array::from_fn(|_| rng.random_range(flo..fhi));
+    let phi: f32 = rng.random_range(0.0..std::f32::consts::PI);
+    let period: f32 = rng.random_range(2.0..4.0) / 32.0;
+    let (fs, fc) = phi.sin_cos();
     let hw = size * size;
     let mut out = vec![0u8; 3 * hw];
     for y in 0..size {
@@ -153,7 +166,13 @@ pub fn render(seed: u64, split: u64, index: u64, size: usize) -> (Vec<u8>, u16) 
             let clutter = distractors.iter().rev().find(|d| d.covers(u, v));
             for c in 0..3 {
                 let base = match (on, clutter) {
-                    (true, _) => fg[c],
+                    (true, _) if fill == 0 => fg[c],
+                    (true, _) => {
+                        let a = ((u * fc + v * fs) / period).floor() as i64;
+                        let b = ((v * fc - u * fs) / period).floor() as i64;
+                        let odd = if fill == 1 { a } else { a + b }.rem_euclid(2) == 1;
+                        if odd { fg2[c] } else { fg[c] }
+                    }
                     (false, Some(d)) => d.colour[c],
                     (false, None) => bg0[c] * (1.0 - t) + bg1[c] * t,
                 };

@@ -55,6 +55,11 @@ pub fn find(data_dir: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
+/// The samples of the `dataset` step (the root of its code identity, `dataset/tinyimagenet`).
+pub fn source(dir: &Path) -> Result<super::Source> {
+    Ok(super::Source::Files(index(dir)?))
+}
+
 /// Lists every sample (no image is decoded).
 pub fn index(dir: &Path) -> Result<FileSplits> {
     let wnids_path = dir.join("wnids.txt");

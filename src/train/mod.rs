@@ -289,14 +289,14 @@ mod tests {
     fn a_small_vit_learns_the_synthetic_classes() {
         let device = Device::flex();
         let ad = device.clone().autodiff();
-        let raw = crate::data::synthetic::generate(1, 1024, 256, 32);
+        let raw = crate::data::synthetic::generate(1, 4096, 256, 32);
         let meta = DatasetMeta {
             name: "synthetic".into(),
             classes: raw.classes.clone(),
             image_size: 32,
             mean: raw.mean,
             std: raw.std,
-            pretrain: 1024,
+            pretrain: 4096,
             tune: 0,
             test: 256,
         };
@@ -310,7 +310,7 @@ mod tests {
             num_classes: 10,
         };
         let model = crate::models::Vit::new(&cfg, 3, &ad);
-        let iters = iters_per_epoch(1024, 32);
+        let iters = iters_per_epoch(4096, 32);
         let epochs = 15;
         let lr = cosine_schedule(3e-3, 1e-4, epochs, iters, 1, 0.0);
         let wd = vec![0.0; lr.len()];
@@ -332,7 +332,8 @@ mod tests {
         );
         let acc = accuracy(&predict(&model, &raw.test, &meta, 128, &device), &raw.test);
         // Chance is 10%; on 256 test images its binomial noise is ±1.9 points, so 20% is
-        // five standard deviations above it (measured: 25%).
+        // five standard deviations above it (measured: 32.4% with 4 096 training images; with
+        // 1 024 the tiny model overfits this dataset and stays near 22%).
         assert!(acc > 20.0, "held-out accuracy {acc}% is near chance (10%)");
     }
 

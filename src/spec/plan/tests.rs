@@ -41,19 +41,19 @@ fn the_default_spec_keeps_its_step_keys() {
         .collect();
     let want = [
         ("dataset synthetic", "3450a3b66cc4"),
-        ("pretrain synthetic", "372cf4ec75b3"),
+        ("pretrain synthetic", "8b589234d0b0"),
         ("poison synthetic/badnets-white", "06aee583b028"),
-        ("finetune synthetic/badnets-white/none", "e29abf57cb1c"),
-        ("evaluate synthetic/badnets-white/none", "f8f57b3148a9"),
-        ("stage1 f_p synthetic/badnets-white", "05d35cae4b6f"),
-        ("finetune synthetic/badnets-white/ieu", "8078a2c7f8f9"),
-        ("evaluate synthetic/badnets-white/ieu", "78af84de8ca9"),
+        ("finetune synthetic/badnets-white/none", "98ed16e99fd4"),
+        ("evaluate synthetic/badnets-white/none", "698247f7629f"),
+        ("stage1 f_p synthetic/badnets-white", "90d12e5230e4"),
+        ("finetune synthetic/badnets-white/ieu", "4f793244c2a2"),
+        ("evaluate synthetic/badnets-white/ieu", "917cf65d90ca"),
         ("poison synthetic/blended", "9d7736415587"),
-        ("finetune synthetic/blended/none", "f57a804c172f"),
-        ("evaluate synthetic/blended/none", "8e830caff460"),
-        ("stage1 f_p synthetic/blended", "6f4de131f8f6"),
-        ("finetune synthetic/blended/ieu", "80f332364c45"),
-        ("evaluate synthetic/blended/ieu", "298df697866c"),
+        ("finetune synthetic/blended/none", "26650c91873f"),
+        ("evaluate synthetic/blended/none", "0b4c53a4a623"),
+        ("stage1 f_p synthetic/blended", "6b2c7a5857f0"),
+        ("finetune synthetic/blended/ieu", "217fd485caae"),
+        ("evaluate synthetic/blended/ieu", "202d208c2444"),
     ];
     for (label, key) in want {
         assert!(
