@@ -207,6 +207,21 @@ pub mod tests {
         assert_eq!((meta.pretrain, meta.tune, meta.test), (6, 6, 6));
         assert_eq!((meta.mean, meta.image_size), (MEAN, 32));
 
+        // The step refuses files that changed after planning, by name.
+        fixture::write(
+            &dir.path().join("data/mine/train/dog/0.png"),
+            &image::DynamicImage::ImageRgb8(fixture::rgb(12, 9, 3)),
+        );
+        let params: crate::data::DatasetParams = serde_json::from_value(step.params).unwrap();
+        let root = dir.path().join("data/mine");
+        let e = crate::data::run_dataset_step(&params, None, Some(&root), &dir.path().join("o"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("dataset mine") && e.contains("changed since planning"),
+            "{e}"
+        );
+
         let bad = text.replace("data/mine", "data/theirs");
         let spec =
             crate::spec::LoadedSpec::from_str(&bad, "t.yaml", dir.path().to_path_buf()).unwrap();

@@ -394,20 +394,26 @@ pub fn run_dataset_step(
     let src = match find(fmt, data_dir, root)? {
         None => synthetic::source(p),
         Some(dir) => {
-            if Some(&digest(fmt, &dir)?) != p.source_digest.as_ref() {
+            let src = match fmt {
+                Format::Synthetic => synthetic::source(p),
+                Format::Cifar10 => cifar10::source(&dir)?,
+                Format::Gtsrb => gtsrb::source(&dir)?,
+                Format::TinyImageNet => tinyimagenet::source(&dir)?,
+                Format::ImageFolder => imagefolder::source(&dir)?,
+            };
+            // A file-per-image format's digest is its index's, which `source` just built.
+            let found = match &src {
+                Source::Files(files) => files.digest()?,
+                Source::Memory(_) => digest(fmt, &dir)?,
+            };
+            if Some(&found) != p.source_digest.as_ref() {
                 bail!(
                     "dataset {}: the files in {} changed since planning; run again",
                     p.name,
                     dir.display()
                 );
             }
-            match fmt {
-                Format::Synthetic => synthetic::source(p),
-                Format::Cifar10 => cifar10::source(&dir)?,
-                Format::Gtsrb => gtsrb::source(&dir)?,
-                Format::TinyImageNet => tinyimagenet::source(&dir)?,
-                Format::ImageFolder => imagefolder::source(&dir)?,
-            }
+            src
         }
     };
     split_and_save(p, &src, out)
