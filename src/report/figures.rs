@@ -317,6 +317,26 @@ fn cdf(values: &[f64]) -> Vec<(f64, f64)> {
 const CLEAN: RGBColor = RGBColor(31, 119, 180);
 const POISON: RGBColor = RGBColor(214, 39, 40);
 
+/// The figure title's font size: 20 px, or smaller (down to 11 px) until the title fits the
+/// figure's width with a margin, so a long title is not cut off at both edges.
+fn title_font_size<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+) -> f64 {
+    let width = root.dim_in_pixel().0;
+    let fits = |size: f64| {
+        let font = ("sans-serif", size).into_font().style(FontStyle::Bold);
+        root.estimate_text_size(title, &font.into())
+            .map(|(w, _)| w + 24 <= width)
+            .unwrap_or(true)
+    };
+    let mut size = 20.0;
+    while size > 11.0 && !fits(size) {
+        size -= 1.0;
+    }
+    size
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
@@ -328,8 +348,12 @@ where
 {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the figure: {e:?}");
     root.fill(&WHITE).map_err(e)?;
+    let size = title_font_size(&root, title);
     let root = root
-        .titled(title, ("sans-serif", 20).into_font().style(FontStyle::Bold))
+        .titled(
+            title,
+            ("sans-serif", size).into_font().style(FontStyle::Bold),
+        )
         .map_err(e)?;
     let areas = root.split_evenly((1, panels.len().max(1)));
     for (area, p) in areas.iter().zip(panels) {
@@ -451,4 +475,32 @@ pub fn write(fig: &FigureSpec, panels: &[Panel], dir: &Path) -> Result<String> {
         )?;
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn title_width(size: f64, title: &str) -> u32 {
+        let mut buf = vec![0u8; 720 * 420 * 3];
+        let root = BitMapBackend::with_buffer(&mut buf, (720, 420)).into_drawing_area();
+        let font = ("sans-serif", size).into_font().style(FontStyle::Bold);
+        root.estimate_text_size(title, &font.into()).unwrap().0
+    }
+
+    #[test]
+    fn a_long_title_shrinks_to_the_figure_width_and_a_short_one_does_not() {
+        register_fonts();
+        let long = "Eq. 3 over IEU's stage 2 on BadNets-white: factor lr_ul / lr_tune and \
+                    unlearning loss per unlearned batch";
+        let short = "max σ(f_p(x)) CDF, ISSBA on GTSRB";
+        let mut buf = vec![0u8; 720 * 420 * 3];
+        let root = BitMapBackend::with_buffer(&mut buf, (720, 420)).into_drawing_area();
+        // At the default 20 px the long title is wider than the figure: it would be cut off.
+        assert!(title_width(20.0, long) > 720);
+        let size = title_font_size(&root, long);
+        assert!(size < 20.0 && size >= 11.0, "size {size}");
+        assert!(title_width(size, long) + 24 <= 720);
+        assert_eq!(title_font_size(&root, short), 20.0);
+    }
 }
