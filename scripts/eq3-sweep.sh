@@ -16,8 +16,8 @@
 #   IEU_COMMIT=REV to name the commit it was built from (default: this checkout's HEAD), and
 #   SCALES="a b" to run only some of the experiment's scales.
 #
-# Cost on 2 cores, from a fresh store: eq3-vs-checkpoint about 45 minutes (the pretrains
-# take 2.5, 8 and 25 minutes), eq3-vs-tune-lr about 25 minutes (one pretrain, 7 minutes);
+# Cost on 2 cores, from a fresh store: eq3-vs-checkpoint about 35 minutes (the pretrains
+# take 2, 7 and 15 minutes), eq3-vs-tune-lr about 25 minutes (one pretrain, 7 minutes);
 # steps already stored are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
