@@ -90,7 +90,7 @@ impl Attack for Cat {
         let spec = cx.ds.spec;
         let ieu = spec
             .spec
-            .ieu_defaults_for(Some(cx.ds.dataset))
+            .ieu_defaults_at(Some(cx.ds.dataset), Some(cx.ds.scale))
             .map_err(|e| anyhow!("{}: {e}", spec.origin))?;
         let fp_key = crate::defences::ieu::plan_stage1(
             cx.plan,

@@ -233,7 +233,7 @@ pub struct Variant {
 
 /// `base` with the keys of `overrides` replaced (merged in JSON form, where externally
 /// tagged enums are plain maps).
-fn merge(base: &mut serde_json::Value, overrides: &serde_yaml_ng::Value) -> Result<()> {
+pub(crate) fn merge(base: &mut serde_json::Value, overrides: &serde_yaml_ng::Value) -> Result<()> {
     match (base, serde_json::to_value(overrides)?) {
         (serde_json::Value::Object(b), serde_json::Value::Object(o)) => b.extend(o),
         (_, serde_json::Value::Null) => {}
@@ -307,12 +307,32 @@ impl Spec {
         entry: &str,
         dataset: Option<&str>,
     ) -> Result<serde_json::Value> {
+        self.defence_settings_at(entry, dataset, None)
+    }
+
+    /// [`Spec::defence_settings_for`] at a scale: the scale's `defences.<defence>` replace
+    /// the defence's built-in defaults first, so everything the spec states comes after.
+    pub fn defence_settings_at(
+        &self,
+        entry: &str,
+        dataset: Option<&str>,
+        scale: Option<&Scale>,
+    ) -> Result<serde_json::Value> {
         let base = self.defence_base(entry);
         let d =
             crate::defences::registered(base).ok_or_else(|| anyhow!("unknown defence '{base}'"))?;
         let Some(mut v) = d.default_settings() else {
             return Ok(serde_json::Value::Null);
         };
+        if let Some((scale, o)) = scale.and_then(|s| Some((s, s.defences.get(base)?))) {
+            merge(&mut v, o).map_err(|e| {
+                anyhow!(
+                    "{}: field `{}.defences.{base}`: {e}",
+                    scale.origin,
+                    scale.name
+                )
+            })?;
+        }
         if let Some(o) = self.defaults.defences.get(base) {
             merge(&mut v, o).map_err(|e| anyhow!("field `defaults.{base}`: {e}"))?;
         }
@@ -344,8 +364,17 @@ impl Spec {
         &self,
         dataset: Option<&str>,
     ) -> Result<crate::defences::ieu::IeuSettings> {
+        self.ieu_defaults_at(dataset, None)
+    }
+
+    /// [`Spec::ieu_defaults_for`] at a scale (with the scale's `defences.ieu` first).
+    pub fn ieu_defaults_at(
+        &self,
+        dataset: Option<&str>,
+        scale: Option<&Scale>,
+    ) -> Result<crate::defences::ieu::IeuSettings> {
         use crate::defences::Settings;
-        crate::defences::ieu::IeuSettings::of(&self.defence_settings_for("ieu", dataset)?)
+        crate::defences::ieu::IeuSettings::of(&self.defence_settings_at("ieu", dataset, scale)?)
     }
 
     /// The settings of attack `name` for a grid attack entry, as JSON: the attack's

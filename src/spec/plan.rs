@@ -208,7 +208,10 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                 step.params::<ImportParams>()?.model.depth,
             ),
             None => {
-                let pp = PretrainParams::from_scale(scale, d.seed);
+                let pp = PretrainParams {
+                    epochs: scale.pretrain.epochs_on(dataset),
+                    ..PretrainParams::from_scale(scale, d.seed)
+                };
                 let key = plan.add(Step::new(
                     Kind::Pretrain,
                     format!("pretrain {dataset}"),
@@ -231,6 +234,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             }
             let pp = PretrainParams {
                 arch,
+                epochs: scale.pretrain.epochs_on(dataset),
                 ..PretrainParams::from_scale(scale, d.seed)
             };
             let key = plan.add(Step::new(
@@ -262,7 +266,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                 let method = crate::defences::registered(base)
                     .ok_or_else(|| anyhow!("not implemented yet: defence {base}"))?;
                 let settings = s
-                    .defence_settings_for(defence, Some(dataset))
+                    .defence_settings_at(defence, Some(dataset), Some(scale))
                     .map_err(|e| anyhow!("{}: {e}", spec.origin))?;
                 let mut cell = CellPlan {
                     plan: &mut plan,

@@ -35,6 +35,12 @@ pub struct Scale {
     pub baselines: BaselineRates,
     /// Training of ISSBA's StegaStamp-style encoder/decoder (the `stegastamp` step).
     pub stegastamp: StegaSchedule,
+    /// Defence settings this scale's model needs in place of a defence's built-in
+    /// defaults (the paper's values), by defence: `defences: { ieu: { c_thresh: 0.99 } }`.
+    /// A spec's own `defaults.<defence>`, `per_dataset` and variants still come after, so
+    /// a value a spec states is used at every scale.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub defences: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
 /// A value per dataset, with a `default` for datasets not listed.
@@ -122,6 +128,20 @@ pub struct PretrainSchedule {
     pub min_lr: f64,
     pub warmup_epochs: usize,
     pub weight_decay: f64,
+    /// Epochs for the datasets that need another number than `epochs`:
+    /// `epochs_per_dataset: { cifar10: 30 }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epochs_per_dataset: BTreeMap<String, usize>,
+}
+
+impl PretrainSchedule {
+    /// The pretraining epochs on `dataset`.
+    pub fn epochs_on(&self, dataset: &str) -> usize {
+        self.epochs_per_dataset
+            .get(dataset)
+            .copied()
+            .unwrap_or(self.epochs)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -172,6 +192,23 @@ pub fn load_scale(text: &str, origin: &str, name: &str) -> Result<Scale> {
 
 pub(crate) fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
     let f = |field: &str, msg: String| anyhow!("{file}: field `{name}.{field}`: {msg}");
+    for (defence, overrides) in &s.defences {
+        let field = format!("defences.{defence}");
+        let d = crate::defences::registered(defence).ok_or_else(|| {
+            f(
+                &field,
+                format!(
+                    "unknown defence '{defence}' (known: {})",
+                    crate::defences::names().join(", ")
+                ),
+            )
+        })?;
+        let Some(mut v) = d.default_settings() else {
+            return Err(f(&field, format!("defence '{defence}' has no settings")));
+        };
+        super::merge(&mut v, overrides).map_err(|e| f(&field, e.to_string()))?;
+        d.check(&v).map_err(|e| f(&field, e.to_string()))?;
+    }
     if s.image_size < 8 {
         return Err(f(
             "image_size",
@@ -201,6 +238,17 @@ pub(crate) fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
     }
     if s.model.mlp_ratio == 0 {
         return Err(f("model.mlp_ratio", "must be at least 1".into()));
+    }
+    for (ds, &epochs) in &s.pretrain.epochs_per_dataset {
+        if epochs < s.pretrain.warmup_epochs.max(1) {
+            return Err(f(
+                &format!("pretrain.epochs_per_dataset.{ds}"),
+                format!(
+                    "{epochs} epochs: must be at least 1 and at least pretrain.warmup_epochs ({})",
+                    s.pretrain.warmup_epochs
+                ),
+            ));
+        }
     }
     for (field, epochs, warmup) in [
         ("pretrain", s.pretrain.epochs, s.pretrain.warmup_epochs),

@@ -258,3 +258,92 @@ fn per_dataset_settings_sit_between_defaults_and_variants() {
         assert!(e.contains("t.yaml") && e.contains(want), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_scales_defence_settings_replace_the_built_in_defaults_and_nothing_a_spec_states() {
+    // A scale whose model needs another gate threshold than the paper's.
+    let smoke = load_scale(DEFAULT_SCALES, "scales.yaml", "smoke").unwrap();
+    let mut scale = smoke.clone();
+    scale.defences.insert(
+        "ieu".into(),
+        serde_yaml_ng::from_str("{ c_thresh: 0.99 }").unwrap(),
+    );
+    let c = |spec: &LoadedSpec, ds: &str, sc: &Scale| {
+        spec.spec
+            .ieu_defaults_at(Some(ds), Some(sc))
+            .unwrap()
+            .c_thresh
+    };
+    // The spec states nothing: the scale's value, and the built-in one without a scale.
+    let plain = LoadedSpec::from_str(GOOD, "t.yaml", ".".into()).unwrap();
+    assert_eq!(c(&plain, "synthetic", &scale), 0.99);
+    assert_eq!(c(&plain, "synthetic", &smoke), 0.95);
+    assert_eq!(
+        plain
+            .spec
+            .ieu_defaults_for(Some("synthetic"))
+            .unwrap()
+            .c_thresh,
+        0.95
+    );
+    // The scale's other fields stay the defence's defaults.
+    let s = plain.spec.ieu_defaults_at(None, Some(&scale)).unwrap();
+    assert!(s.logit_masking && s.fp_depth == 1, "{s:?}");
+    // What the spec states wins: `defaults.ieu`, then `per_dataset`, then a variant.
+    let stated = GOOD
+        .replace("dataset: [synthetic]", "dataset: [synthetic, cifar10]")
+        .replace(
+            "name: t",
+            "name: t\ndefaults: { ieu: { c_thresh: 0.95 } }\n\
+             per_dataset: { cifar10: { ieu: { c_thresh: 0.9 } } }\n\
+             variants:\n  ieu-8: { base: ieu, ieu: { c_thresh: 0.8 } }",
+        )
+        .replace("defence: [none, ieu]", "defence: [none, ieu, ieu-8]");
+    let stated = LoadedSpec::from_str(&stated, "t.yaml", ".".into()).unwrap();
+    assert_eq!(c(&stated, "synthetic", &scale), 0.95);
+    assert_eq!(c(&stated, "cifar10", &scale), 0.9);
+    let v = stated
+        .spec
+        .defence_settings_at("ieu-8", Some("synthetic"), Some(&scale))
+        .unwrap();
+    assert_eq!(v["c_thresh"], 0.8);
+
+    // The plan hashes the resolved value: the scale's threshold reaches the IEU finetune.
+    let p = plan::plan(&plain, &scale, None).unwrap();
+    let p0 = plan::plan(&plain, &smoke, None).unwrap();
+    let ieu_key = |p: &crate::dag::Plan| {
+        p.steps
+            .iter()
+            .find(|s| s.label.contains("/ieu") && s.label.starts_with("finetune"))
+            .map(|s| (s.key.clone(), s.params.to_string()))
+            .unwrap()
+    };
+    let ((k, params), (k0, _)) = (ieu_key(&p), ieu_key(&p0));
+    assert_ne!(k, k0);
+    assert!(params.contains("0.99"), "{params}");
+
+    // A scale's bad entry names the file, the scale and the field.
+    for (text, want) in [
+        (
+            "defences: { iue: { c_thresh: 0.99 } }",
+            "smoke.defences.iue",
+        ),
+        ("defences: { ieu: { c_thresh: 1.5 } }", "smoke.defences.ieu"),
+        ("defences: { ieu: { c_tresh: 0.99 } }", "smoke.defences.ieu"),
+        (
+            "defences: { none: { c_thresh: 0.99 } }",
+            "smoke.defences.none",
+        ),
+    ] {
+        let scales = DEFAULT_SCALES.replacen(
+            "  stegastamp: { train_images: 320",
+            &format!("  {text}\n  stegastamp: {{ train_images: 320"),
+            1,
+        );
+        assert_ne!(scales, DEFAULT_SCALES);
+        let e = load_scale(&scales, "scales.yaml", "smoke")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("scales.yaml") && e.contains(want), "{text}: {e}");
+    }
+}
