@@ -347,3 +347,47 @@ fn a_scales_defence_settings_replace_the_built_in_defaults_and_nothing_a_spec_st
         assert!(e.contains("scales.yaml") && e.contains(want), "{text}: {e}");
     }
 }
+
+#[test]
+fn a_datasets_own_pretrain_epochs_reach_its_pretrain_step_only() {
+    let base = load_scale(DEFAULT_SCALES, "scales.yaml", "smoke").unwrap();
+    let mut scale = base.clone();
+    scale
+        .pretrain
+        .epochs_per_dataset
+        .insert("synthetic".into(), base.pretrain.epochs + 7);
+    assert_eq!(
+        scale.pretrain.epochs_on("synthetic"),
+        base.pretrain.epochs + 7
+    );
+    assert_eq!(scale.pretrain.epochs_on("cifar10"), base.pretrain.epochs);
+    let spec = LoadedSpec::from_str(GOOD, "t.yaml", ".".into()).unwrap();
+    let pretrain = |p: &crate::dag::Plan| {
+        p.steps
+            .iter()
+            .find(|s| s.label == "pretrain synthetic")
+            .map(|s| (s.key.clone(), s.params["epochs"].as_u64().unwrap()))
+            .unwrap()
+    };
+    let (k, e) = pretrain(&plan::plan(&spec, &scale, None).unwrap());
+    let (k0, e0) = pretrain(&plan::plan(&spec, &base, None).unwrap());
+    assert_eq!(
+        (e, e0),
+        (base.pretrain.epochs as u64 + 7, base.pretrain.epochs as u64)
+    );
+    assert_ne!(k, k0);
+    // Fewer epochs than the warm-up (or none) is an error naming the entry.
+    let scales = DEFAULT_SCALES.replacen(
+        "pretrain: { view: flip, epochs: 60,",
+        "pretrain: { epochs_per_dataset: { synthetic: 0 }, view: flip, epochs: 60,",
+        1,
+    );
+    assert_ne!(scales, DEFAULT_SCALES);
+    let e = load_scale(&scales, "scales.yaml", "smoke")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("smoke.pretrain.epochs_per_dataset.synthetic"),
+        "{e}"
+    );
+}
