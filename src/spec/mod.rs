@@ -356,18 +356,11 @@ impl Spec {
 
     /// The spec's IEU settings (`defaults.ieu`): what CAT's f_p is tuned with.
     pub fn ieu_defaults(&self) -> Result<crate::defences::ieu::IeuSettings> {
-        self.ieu_defaults_for(None)
+        self.ieu_defaults_at(None, None)
     }
 
-    /// The spec's IEU settings on a dataset (with `per_dataset.<dataset>.ieu`).
-    pub fn ieu_defaults_for(
-        &self,
-        dataset: Option<&str>,
-    ) -> Result<crate::defences::ieu::IeuSettings> {
-        self.ieu_defaults_at(dataset, None)
-    }
-
-    /// [`Spec::ieu_defaults_for`] at a scale (with the scale's `defences.ieu` first).
+    /// The spec's IEU settings on a dataset (with `per_dataset.<dataset>.ieu`) at a scale
+    /// (with the scale's `defences.ieu` first).
     pub fn ieu_defaults_at(
         &self,
         dataset: Option<&str>,

@@ -208,10 +208,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                 step.params::<ImportParams>()?.model.depth,
             ),
             None => {
-                let pp = PretrainParams {
-                    epochs: scale.pretrain.epochs_on(dataset),
-                    ..PretrainParams::from_scale(scale, d.seed)
-                };
+                let pp = PretrainParams::from_scale(scale, dataset, d.seed);
                 let key = plan.add(Step::new(
                     Kind::Pretrain,
                     format!("pretrain {dataset}"),
@@ -234,8 +231,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
             }
             let pp = PretrainParams {
                 arch,
-                epochs: scale.pretrain.epochs_on(dataset),
-                ..PretrainParams::from_scale(scale, d.seed)
+                ..PretrainParams::from_scale(scale, dataset, d.seed)
             };
             let key = plan.add(Step::new(
                 Kind::Pretrain,

@@ -235,7 +235,10 @@ fn per_dataset_settings_sit_between_defaults_and_variants() {
     assert!(v.c_thresh == 0.8 && !v.logit_masking);
     assert_eq!(v.stage1_loss, crate::train::LossKind::Lga(1.0));
     assert_eq!(
-        s.spec.ieu_defaults_for(Some("cifar10")).unwrap().c_thresh,
+        s.spec
+            .ieu_defaults_at(Some("cifar10"), None)
+            .unwrap()
+            .c_thresh,
         0.9
     );
 
@@ -281,7 +284,7 @@ fn a_scales_defence_settings_replace_the_built_in_defaults_and_nothing_a_spec_st
     assert_eq!(
         plain
             .spec
-            .ieu_defaults_for(Some("synthetic"))
+            .ieu_defaults_at(Some("synthetic"), None)
             .unwrap()
             .c_thresh,
         0.95
@@ -335,15 +338,10 @@ fn a_scales_defence_settings_replace_the_built_in_defaults_and_nothing_a_spec_st
             "smoke.defences.none",
         ),
     ] {
-        let scales = DEFAULT_SCALES.replacen(
+        let e = smoke_scale_error(
             "  stegastamp: { train_images: 320",
             &format!("  {text}\n  stegastamp: {{ train_images: 320"),
-            1,
         );
-        assert_ne!(scales, DEFAULT_SCALES);
-        let e = load_scale(&scales, "scales.yaml", "smoke")
-            .unwrap_err()
-            .to_string();
         assert!(e.contains("scales.yaml") && e.contains(want), "{text}: {e}");
     }
 }
@@ -377,17 +375,24 @@ fn a_datasets_own_pretrain_epochs_reach_its_pretrain_step_only() {
     );
     assert_ne!(k, k0);
     // Fewer epochs than the warm-up (or none) is an error naming the entry.
-    let scales = DEFAULT_SCALES.replacen(
+    let e = smoke_scale_error(
         "pretrain: { view: flip, epochs: 60,",
         "pretrain: { epochs_per_dataset: { synthetic: 0 }, view: flip, epochs: 60,",
-        1,
     );
-    assert_ne!(scales, DEFAULT_SCALES);
-    let e = load_scale(&scales, "scales.yaml", "smoke")
-        .unwrap_err()
-        .to_string();
     assert!(
         e.contains("smoke.pretrain.epochs_per_dataset.synthetic"),
         "{e}"
     );
+}
+
+/// The error of loading the embedded smoke scale with `from` replaced by `to` (once).
+fn smoke_scale_error(from: &str, to: &str) -> String {
+    let scales = DEFAULT_SCALES.replacen(from, to, 1);
+    assert_ne!(
+        scales, DEFAULT_SCALES,
+        "{from:?} is not in the embedded scales"
+    );
+    load_scale(&scales, "scales.yaml", "smoke")
+        .unwrap_err()
+        .to_string()
 }

@@ -35,13 +35,15 @@ pub struct PretrainParams {
 }
 
 impl PretrainParams {
-    pub fn from_scale(s: &Scale, seed: u64) -> Self {
+    /// The scale's pretraining of the ViT on `dataset` (its own epochs if the scale gives
+    /// it some: `pretrain.epochs_per_dataset`).
+    pub fn from_scale(s: &Scale, dataset: &str, seed: u64) -> Self {
         Self {
             model: s.model.clone(),
             arch: Arch::Vit,
             view: s.pretrain.view,
             image_size: s.image_size,
-            epochs: s.pretrain.epochs,
+            epochs: s.pretrain.epochs_on(dataset),
             lr: s.pretrain.lr,
             min_lr: s.pretrain.min_lr,
             warmup_epochs: s.pretrain.warmup_epochs,
