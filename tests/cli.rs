@@ -111,7 +111,8 @@ fn smoke_run_then_fully_cached_rerun() {
     // The smoke scale learns: CA well above chance (10 classes), the backdoor learned
     // without defence, and IEU unlearns and lowers ASR while keeping most of the CA, its
     // gate sending few clean images to the unlearn set (the paper's picture). (Blended is
-    // the attack the smoke scale's f_p learns: BadNets-white's 3-pixel square is not.)
+    // the attack the smoke scale learns reliably: BadNets-white's 3-pixel square is learned
+    // weakly by its 8x8 patches.)
     let cell = |attack: &str, defence: &str| -> Vec<f64> {
         let row = rows
             .iter()

@@ -47,18 +47,13 @@ fn default_spec() -> String {
     std::fs::read_to_string(root.join("experiments/default.yaml")).unwrap()
 }
 
-/// The synthetic set's IEU threshold in the default spec's `per_dataset` entry.
+/// The synthetic set's IEU threshold in the default spec's `per_dataset` entry, as written.
 fn gate_threshold(default_spec: &str) -> String {
-    let line = default_spec
-        .lines()
-        .find(|l| l.trim_start().starts_with("synthetic: { ieu: { c_thresh:"))
-        .expect("experiments/default.yaml sets the synthetic threshold in per_dataset");
-    let v = line.split("c_thresh:").nth(1).unwrap();
-    let v = v.trim_start();
-    v[..v
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(v.len())]
-        .to_string()
+    let spec: serde_yaml_ng::Value = serde_yaml_ng::from_str(default_spec).unwrap();
+    let c = &spec["per_dataset"]["synthetic"]["ieu"]["c_thresh"];
+    c.as_f64()
+        .map(|v| v.to_string())
+        .expect("experiments/default.yaml sets the synthetic threshold in per_dataset")
 }
 
 fn check(args: &[&str]) -> (Option<i32>, String, String) {

@@ -128,7 +128,7 @@ fn a_failed_step_is_named_its_dependents_never_run_and_a_rerun_submits_the_rest(
     assert_eq!(o.status.code(), Some(1));
     let err = err_of(&o);
     assert!(
-        err.contains("step 'stage1 f_p synthetic/blended'") && err.contains("/logs/"),
+        err.contains("step 'stage1 f_p synthetic/blended") && err.contains("/logs/"),
         "{err}"
     );
     assert!(

@@ -281,7 +281,7 @@ fn a_panicking_step_fails_alone_and_the_run_ends() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("step 'stage1 f_p synthetic/badnets-white'") && err.contains("panicked"),
+        err.contains("step 'stage1 f_p synthetic/badnets-white") && err.contains("panicked"),
         "{err}"
     );
     assert!(!err.contains("stack backtrace"), "{err}");

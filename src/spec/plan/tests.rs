@@ -45,15 +45,18 @@ fn the_default_spec_keeps_its_step_keys() {
         ("poison synthetic/badnets-white", "06aee583b028"),
         ("finetune synthetic/badnets-white/none", "98ed16e99fd4"),
         ("evaluate synthetic/badnets-white/none", "698247f7629f"),
-        ("stage1 f_p synthetic/badnets-white", "90d12e5230e4"),
-        ("finetune synthetic/badnets-white/ieu", "4f793244c2a2"),
-        ("evaluate synthetic/badnets-white/ieu", "917cf65d90ca"),
+        (
+            "stage1 f_p synthetic/badnets-white lga(1.0)",
+            "860cb95a2ef0",
+        ),
+        ("finetune synthetic/badnets-white/ieu", "eb2952b61193"),
+        ("evaluate synthetic/badnets-white/ieu", "7565d84486cc"),
         ("poison synthetic/blended", "9d7736415587"),
         ("finetune synthetic/blended/none", "26650c91873f"),
         ("evaluate synthetic/blended/none", "0b4c53a4a623"),
-        ("stage1 f_p synthetic/blended", "6b2c7a5857f0"),
-        ("finetune synthetic/blended/ieu", "217fd485caae"),
-        ("evaluate synthetic/blended/ieu", "202d208c2444"),
+        ("stage1 f_p synthetic/blended lga(1.0)", "71ed7c0a50b1"),
+        ("finetune synthetic/blended/ieu", "57c7d852a6ca"),
+        ("evaluate synthetic/blended/ieu", "4f4d3825435f"),
     ];
     for (label, key) in want {
         assert!(
