@@ -89,7 +89,32 @@ impl LoadedSpec {
 
     pub fn scale(&self, name: &str) -> Result<Scale> {
         let (text, origin) = self.scales_text()?;
-        load_scale(&text, &origin, name)
+        let scale = load_scale(&text, &origin, name)?;
+        for ds in self.unknown_pretrain_datasets(&scale) {
+            tracing::warn!(
+                "{origin}: field `{name}.pretrain.epochs_per_dataset.{ds}`: '{ds}' is neither a \
+                 built-in dataset ({}) nor one of this spec's `datasets:`, so it sets nothing \
+                 here (a misspelt name?)",
+                crate::data::BUILT_IN.join(", ")
+            );
+        }
+        Ok(scale)
+    }
+
+    /// The names in the scale's `pretrain.epochs_per_dataset` that name no dataset this spec
+    /// can use: not a built-in one and not in its `datasets:` (a scales file is shared by
+    /// specs, so this warns rather than fails).
+    pub fn unknown_pretrain_datasets(&self, scale: &Scale) -> Vec<String> {
+        scale
+            .pretrain
+            .epochs_per_dataset
+            .keys()
+            .filter(|ds| {
+                !crate::data::BUILT_IN.contains(&ds.as_str())
+                    && !self.spec.datasets.contains_key(ds.as_str())
+            })
+            .cloned()
+            .collect()
     }
 
     /// Restricts grid axes: each filter is `AXIS=V1,V2`.

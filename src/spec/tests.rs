@@ -374,6 +374,17 @@ fn a_datasets_own_pretrain_epochs_reach_its_pretrain_step_only() {
         (base.pretrain.epochs as u64 + 7, base.pretrain.epochs as u64)
     );
     assert_ne!(k, k0);
+    // A name that is no built-in dataset and none of the spec's `datasets:` sets nothing,
+    // and the spec says so (a warning: one scales file serves many specs).
+    assert!(spec.unknown_pretrain_datasets(&scale).is_empty());
+    scale
+        .pretrain
+        .epochs_per_dataset
+        .insert("cifar1O".into(), 5);
+    assert_eq!(spec.unknown_pretrain_datasets(&scale), ["cifar1O"]);
+    for ds in crate::data::BUILT_IN {
+        crate::data::Format::of(ds, None).unwrap();
+    }
     // Fewer epochs than the warm-up (or none) is an error naming the entry.
     let e = smoke_scale_error(
         "pretrain: { view: flip, epochs: 60,",
