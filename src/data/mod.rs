@@ -161,15 +161,6 @@ pub struct DatasetParams {
     pub source_digest: Option<String>,
 }
 
-/// The dataset names a spec's grid can use without a `datasets:` entry.
-pub const BUILT_IN: &[&str] = &[
-    "synthetic",
-    "cifar10",
-    "gtsrb",
-    "tinyimagenet",
-    "imagefolder",
-];
-
 /// How a dataset is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

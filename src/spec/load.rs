@@ -95,7 +95,11 @@ impl LoadedSpec {
                 "{origin}: field `{name}.pretrain.epochs_per_dataset.{ds}`: '{ds}' is neither a \
                  built-in dataset ({}) nor one of this spec's `datasets:`, so it sets nothing \
                  here (a misspelt name?)",
-                crate::data::BUILT_IN.join(", ")
+                super::DATASETS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         Ok(scale)
@@ -110,7 +114,7 @@ impl LoadedSpec {
             .epochs_per_dataset
             .keys()
             .filter(|ds| {
-                !crate::data::BUILT_IN.contains(&ds.as_str())
+                super::names::availability(super::DATASETS, ds).is_none()
                     && !self.spec.datasets.contains_key(ds.as_str())
             })
             .cloned()

@@ -382,9 +382,6 @@ fn a_datasets_own_pretrain_epochs_reach_its_pretrain_step_only() {
         .epochs_per_dataset
         .insert("cifar1O".into(), 5);
     assert_eq!(spec.unknown_pretrain_datasets(&scale), ["cifar1O"]);
-    for ds in crate::data::BUILT_IN {
-        crate::data::Format::of(ds, None).unwrap();
-    }
     // Fewer epochs than the warm-up (or none) is an error naming the entry.
     let e = smoke_scale_error(
         "pretrain: { view: flip, epochs: 60,",
