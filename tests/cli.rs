@@ -915,3 +915,77 @@ fn table8_runs_other_architectures_at_smoke_scale() {
     }
     assert!(out.contains("done: 38 steps, 38 run"), "{out}");
 }
+
+#[test]
+fn several_seeds_run_and_report_mean_and_deviation() {
+    let dir = tempfile::tempdir().unwrap();
+    quick_smoke_scales(dir.path());
+    let spec = dir.path().join("default.yaml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/default.yaml"),
+        &spec,
+    )
+    .unwrap();
+    let store = dir.path().join("st");
+    let with = |seeds: &str, extra: &[&str]| {
+        let mut c = bin();
+        c.arg(extra[0]).arg(&spec).args(&extra[1..]).args([
+            "--scale",
+            "smoke",
+            "--only",
+            "attack=blended",
+            "--seed",
+            seeds,
+            "--store",
+        ]);
+        c.arg(&store);
+        stdout(&mut c)
+    };
+    let plan = with("1,2", &["run", "--dry-run"]);
+    assert!(plan.contains("over seeds 1, 2"), "{plan}");
+    // Per seed: dataset, pretrain, poison, none (finetune, evaluate), IEU (stage 1,
+    // finetune, evaluate); nothing shared across seeds.
+    assert!(
+        plan.contains("plan: 16 steps, 0 cached, 16 to run"),
+        "{plan}"
+    );
+    with("1,2", &["run"]);
+    let md = with("1,2", &["report"]);
+    assert!(
+        md.contains("the mean ± the standard deviation over seeds 1, 2"),
+        "{md}"
+    );
+    assert!(md.contains(" ± "), "{md}");
+    // The gate's columns do not apply to no defence: `–` in its rows and in the averages
+    // row, never `…` (not yet computed).
+    let average = md.lines().find(|l| l.contains("*Average*")).unwrap();
+    assert!(average.contains("| – |") && !average.contains('…'), "{md}");
+    let csv = with("1,2", &["report", "--format", "csv"]);
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |n: &str| header.iter().position(|h| *h == n).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|r| r.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    // Each seed alone, from the same store: the folded row is their mean.
+    let alone = |seed: &str| -> Vec<f64> {
+        let csv = with(seed, &["report", "--format", "csv"]);
+        csv.lines()
+            .skip(1)
+            .map(|r| r.split(',').nth(col("ca")).unwrap().parse().unwrap())
+            .collect()
+    };
+    let (one, two) = (alone("1"), alone("2"));
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row[col("seeds")], "1 2", "{csv}");
+        assert_eq!(row[col("evaluate_step")].split(' ').count(), 2, "{csv}");
+        let mean: f64 = row[col("ca")].parse().unwrap();
+        let sd: f64 = row[col("ca_sd")].parse().unwrap();
+        let (a, b) = (one[i], two[i]);
+        assert!((mean - (a + b) / 2.0).abs() <= 0.011, "{a} {b} → {mean}");
+        let want = (a - b).abs() / 2f64.sqrt();
+        assert!((sd - want).abs() <= 0.011, "{a} {b} → sd {sd}, want {want}");
+    }
+}

@@ -39,6 +39,11 @@ pub struct Common {
     /// Restrict a grid axis, e.g. --only attack=badnets-white,blended (repeatable).
     #[arg(long = "only", value_name = "AXIS=V1,V2")]
     pub only: Vec<String>,
+    /// Plan the spec with these seeds in place of its `defaults.seed`, e.g. --seed 0,1,2:
+    /// each seed draws its own data, poisoned set, checkpoint and training. With several,
+    /// `report` shows each value as the mean ± the standard deviation over the seeds.
+    #[arg(long = "seed", value_name = "N,N", value_delimiter = ',')]
+    pub seeds: Vec<u64>,
     /// Steps computed at once (default: the number of CPU cores; 1 on a GPU). Results do not
     /// depend on it.
     #[arg(long, env = "IEU_JOBS")]
@@ -101,6 +106,9 @@ pub struct Selection {
     pub data_dir: Option<PathBuf>,
     #[arg(long = "only", value_name = "AXIS=V1,V2")]
     pub only: Vec<String>,
+    /// The spec's seeds, as for `run --seed`.
+    #[arg(long = "seed", value_name = "N,N", value_delimiter = ',')]
+    pub seeds: Vec<u64>,
 }
 
 #[derive(clap::Args, Debug, Clone)]

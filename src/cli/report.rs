@@ -30,7 +30,7 @@ fn load_report(
             plan.skipped.join(", ")
         );
     }
-    let df = crate::report::collect(&plan, &store)?;
+    let df = crate::report::aggregate_seeds(&crate::report::collect(&plan, &store)?)?;
     Ok((spec, plan, store, df))
 }
 

@@ -26,11 +26,13 @@ pub(super) fn load(
         Store::open(&common.store)?
     };
     crate::store::stat_cache::attach(store.root());
-    let plan = if lenient {
-        crate::spec::plan::plan_available(&spec, &scale, common.data_dir.as_deref())?
-    } else {
-        crate::spec::plan::plan(&spec, &scale, common.data_dir.as_deref())?
-    };
+    let plan = crate::spec::plan::plan_seeds(
+        &spec,
+        &scale,
+        common.data_dir.as_deref(),
+        &common.seeds,
+        lenient,
+    )?;
     if let Err(e) = crate::store::stat_cache::save() {
         tracing::warn!("cannot save the data-file digest cache: {e:#}");
     }
@@ -50,8 +52,19 @@ pub(super) fn run(
     let cached = plan.steps.iter().filter(|s| store.contains(&s.key)).count();
     let total = plan.steps.len();
     if dry_run {
+        let seeds = plan.seeds();
+        let over = match seeds.as_slice() {
+            [_] => String::new(),
+            many => format!(
+                " (over seeds {})",
+                many.iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         println!(
-            "spec {} at scale {}: {} grid cells",
+            "spec {} at scale {}: {} grid cells{over}",
             spec.origin,
             common.scale,
             plan.cells.len()

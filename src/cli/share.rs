@@ -177,7 +177,13 @@ fn target_keys(
         let mut loaded = LoadedSpec::load(spec.as_deref())?;
         loaded.apply_only(&sel.only)?;
         let scale = loaded.scale(&sel.scale)?;
-        let plan = crate::spec::plan::plan_available(&loaded, &scale, sel.data_dir.as_deref())?;
+        let plan = crate::spec::plan::plan_seeds(
+            &loaded,
+            &scale,
+            sel.data_dir.as_deref(),
+            &sel.seeds,
+            true,
+        )?;
         keys.extend(plan.steps.iter().map(|s| s.key.clone()));
     }
     Ok((keys, any_hash))

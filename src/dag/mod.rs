@@ -204,6 +204,8 @@ pub struct Cell {
     pub dataset: String,
     pub attack: String,
     pub defence: String,
+    /// The spec's `defaults.seed` this cell was planned with (`--seed` plans several).
+    pub seed: u64,
     pub evaluate: String,
 }
 
@@ -262,6 +264,30 @@ impl Plan {
     }
 
     /// Adds a step unless an identical one is already planned; returns its key.
+    /// Adds another plan's steps (each once) and cells: one spec planned with several seeds.
+    pub fn merge(&mut self, other: Plan) {
+        for s in other.steps {
+            self.add(s);
+        }
+        self.cells.extend(other.cells);
+        for s in other.skipped {
+            if !self.skipped.contains(&s) {
+                self.skipped.push(s);
+            }
+        }
+    }
+
+    /// The distinct seeds of the plan's cells, in the order planned.
+    pub fn seeds(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for c in &self.cells {
+            if !out.contains(&c.seed) {
+                out.push(c.seed);
+            }
+        }
+        out
+    }
+
     pub fn add(&mut self, step: Step) -> String {
         let key = step.key.clone();
         if self.seen.insert(key.clone()) {

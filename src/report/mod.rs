@@ -29,12 +29,14 @@ pub const HTML_TEMPLATE: &str = include_str!("../../templates/report.html.j2");
 /// Metric columns of the collected frame, in order.
 pub const METRIC_COLUMNS: &[&str] = crate::spec::METRICS;
 
-/// One row per grid cell: dataset, attack, defence, the metrics (null where the cell has not
-/// been run) and the key of the evaluate step.
+/// One row per grid cell (per seed, when the plan has several): dataset, attack, defence,
+/// the metrics (null where the cell has not been run), the seed and the key of the evaluate
+/// step. [`aggregate_seeds`] folds the seeds into one row per cell.
 pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
     let mut ds = Vec::new();
     let mut at = Vec::new();
     let mut de = Vec::new();
+    let mut seeds = Vec::new();
     let mut keys = Vec::new();
     let mut cols: BTreeMap<&str, Vec<Option<f64>>> =
         METRIC_COLUMNS.iter().map(|m| (*m, Vec::new())).collect();
@@ -46,6 +48,7 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
         ds.push(cell.dataset.clone());
         at.push(cell.attack.clone());
         de.push(cell.defence.clone());
+        seeds.push(cell.seed);
         keys.push(cell.evaluate.clone());
         // Verified read: a metrics file that does not match its manifest is an error (and
         // quarantined), never a number in a table.
@@ -82,8 +85,103 @@ pub fn collect(plan: &Plan, store: &Store) -> Result<DataFrame> {
     for name in METRIC_COLUMNS {
         columns.push(Column::new((*name).into(), cols.remove(name).unwrap()));
     }
+    columns.push(Column::new("seed".into(), seeds));
     columns.push(Column::new("evaluate_step".into(), keys));
     Ok(DataFrame::new_infer_height(columns)?)
+}
+
+/// With several seeds per cell (`--seed 0,1,2`), one row per cell: each metric is the mean
+/// over the seeds and `<metric>_sd` its sample standard deviation (n − 1), `seeds` lists
+/// the seeds, `evaluate_step` the seeds' evaluate steps separated by spaces. A cell is
+/// computed only when every seed is: a mean over fewer seeds than asked for is not
+/// printed. With one seed per cell, the frame is returned as it is.
+pub fn aggregate_seeds(df: &DataFrame) -> Result<DataFrame> {
+    let mut order: Vec<String> = Vec::new();
+    let mut rows_of: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for r in 0..df.height() {
+        let name = cell_name(df, r)?;
+        rows_of
+            .entry(name.clone())
+            .or_insert_with(|| {
+                order.push(name);
+                Vec::new()
+            })
+            .push(r);
+    }
+    if rows_of.values().all(|rows| rows.len() < 2) {
+        return Ok(df.clone());
+    }
+    let seed = df.column("seed")?.u64()?;
+    let (mut ds, mut at, mut de, mut seeds, mut keys) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut means: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
+    let mut sds: BTreeMap<&str, Vec<Option<f64>>> = BTreeMap::new();
+    for name in &order {
+        let rows = &rows_of[name];
+        let first = rows[0];
+        ds.push(text(df, first, "dataset")?);
+        at.push(text(df, first, "attack")?);
+        de.push(text(df, first, "defence")?);
+        let listed: Vec<String> = rows
+            .iter()
+            .map(|&r| seed.get(r).map(|s| s.to_string()).unwrap_or_default())
+            .collect();
+        seeds.push(listed.join(" "));
+        let evaluated: Vec<String> = rows
+            .iter()
+            .map(|&r| text(df, r, "evaluate_step"))
+            .collect::<Result<_>>()?;
+        keys.push(evaluated.join(" "));
+        let mut computed = true;
+        for &r in rows {
+            computed &= value(df, r, "ca")?.is_some();
+        }
+        for m in METRIC_COLUMNS {
+            let vals: Vec<f64> = rows
+                .iter()
+                .map(|&r| value(df, r, m))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .flatten()
+                .collect();
+            let (mean, sd) = if computed && vals.len() == rows.len() {
+                let n = vals.len() as f64;
+                let mean = vals.iter().sum::<f64>() / n;
+                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+                (Some(mean), Some(var.sqrt()))
+            } else {
+                (None, None)
+            };
+            means.entry(m).or_default().push(mean);
+            sds.entry(m).or_default().push(sd);
+        }
+    }
+    let mut columns: Vec<Column> = vec![
+        Column::new("dataset".into(), ds),
+        Column::new("attack".into(), at),
+        Column::new("defence".into(), de),
+    ];
+    for m in METRIC_COLUMNS {
+        columns.push(Column::new((*m).into(), means.remove(m).unwrap()));
+    }
+    for m in METRIC_COLUMNS {
+        columns.push(Column::new(
+            format!("{m}_sd").into(),
+            sds.remove(m).unwrap(),
+        ));
+    }
+    columns.push(Column::new("seeds".into(), seeds));
+    columns.push(Column::new("evaluate_step".into(), keys));
+    Ok(DataFrame::new_infer_height(columns)?)
+}
+
+/// The seeds a frame from [`aggregate_seeds`] folds together (`0, 1, 2`); `None` for one
+/// row per cell.
+fn aggregated_seeds(df: &DataFrame) -> Result<Option<String>> {
+    if df.column("seeds").is_err() || df.height() == 0 {
+        return Ok(None);
+    }
+    Ok(Some(text(df, 0, "seeds")?.replace(' ', ", ")))
 }
 
 /// The `pretrain` step of the plan that a step's model was finetuned from, if one trained it
@@ -246,6 +344,8 @@ pub struct Table {
     pub isolation_columns: bool,
     pub cells: Vec<CellKey>,
     pub report_key: String,
+    /// The seeds each value is the mean of (`0, 1, 2`), when the report folds several.
+    pub seeds: Option<String>,
 }
 
 /// A baseline to compare with: values by cell name and metric.
@@ -334,6 +434,7 @@ pub fn build_table(
             .collect();
     }
     let reference = layout.reference.as_ref();
+    let seeds = aggregated_seeds(df)?;
     let outer = &layout.rows[0];
     let mut rows = Vec::new();
     let mut missing = 0usize;
@@ -341,6 +442,9 @@ pub fn build_table(
         // Per column group and metric: the values (and baseline values) of this outer
         // group, for its averages row.
         let mut sums: BTreeMap<(usize, usize), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        // Metrics that do not apply to a column (the gate's columns under no defence): their
+        // average is `–` too, not `…` (not yet computed).
+        let mut not_applicable: std::collections::BTreeSet<(usize, usize)> = Default::default();
         for (li, labels) in row_keys.iter().filter(|l| &l[0] == ov).enumerate() {
             let mut cells = Vec::new();
             for (gi, g) in groups.iter().enumerate() {
@@ -355,9 +459,19 @@ pub fn build_table(
                         Some(r) => value(df, r, m)?,
                         None => None,
                     };
+                    let sd = match (r, &seeds) {
+                        (Some(r), Some(_)) => value(df, r, &format!("{m}_sd"))?,
+                        _ => None,
+                    };
                     let text = match (v, run) {
-                        (Some(v), _) => format!("{v:.2}"),
-                        (None, true) => "–".into(),
+                        (Some(v), _) => match sd {
+                            Some(sd) => format!("{v:.2} ± {sd:.2}"),
+                            None => format!("{v:.2}"),
+                        },
+                        (None, true) => {
+                            not_applicable.insert((gi, mi));
+                            "–".into()
+                        }
                         (None, false) => {
                             missing += 1;
                             "…".into()
@@ -408,7 +522,11 @@ pub fn build_table(
                         |x: &[f64]| (!x.is_empty()).then(|| x.iter().sum::<f64>() / x.len() as f64);
                     let v = mean(&vals);
                     cells.push(TCell {
-                        text: v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "…".into()),
+                        text: match v {
+                            Some(v) => format!("{v:.2}"),
+                            None if not_applicable.contains(&(gi, mi)) => "–".into(),
+                            None => "…".into(),
+                        },
                         value: v,
                         reference: None,
                         delta: mean(&deltas).map(signed),
@@ -452,6 +570,7 @@ pub fn build_table(
         isolation_columns: metrics.iter().any(|m| m == "fpr" || m == "fnr"),
         cells,
         report_key,
+        seeds,
     })
 }
 
@@ -598,6 +717,73 @@ pub fn cell_key(row_axes: &[String], labels: &[String], col_axis: &str, group: &
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A collected frame: (defence, seed, asr, ca) rows of one dataset and attack, the
+    /// other metrics null.
+    fn frame(rows: &[(&str, u64, Option<f64>, Option<f64>)]) -> DataFrame {
+        let n = rows.len();
+        let mut columns = vec![
+            Column::new("dataset".into(), vec!["synthetic"; n]),
+            Column::new("attack".into(), vec!["blended"; n]),
+            Column::new(
+                "defence".into(),
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            ),
+        ];
+        for m in METRIC_COLUMNS {
+            let v: Vec<Option<f64>> = rows
+                .iter()
+                .map(|r| match *m {
+                    "asr" => r.2,
+                    "ca" => r.3,
+                    _ => None,
+                })
+                .collect();
+            columns.push(Column::new((*m).into(), v));
+        }
+        columns.push(Column::new(
+            "seed".into(),
+            rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+        ));
+        columns.push(Column::new(
+            "evaluate_step".into(),
+            rows.iter()
+                .map(|r| format!("k{}{}", r.0, r.1))
+                .collect::<Vec<_>>(),
+        ));
+        DataFrame::new_infer_height(columns).unwrap()
+    }
+
+    #[test]
+    fn seeds_fold_into_mean_and_standard_deviation() {
+        let df = frame(&[
+            ("none", 0, Some(90.0), Some(80.0)),
+            ("ieu", 0, Some(2.0), Some(78.0)),
+            ("none", 1, Some(96.0), Some(84.0)),
+            ("ieu", 1, Some(4.0), None),
+        ]);
+        let agg = aggregate_seeds(&df).unwrap();
+        assert_eq!(agg.height(), 2);
+        assert_eq!(cell_name(&agg, 0).unwrap(), "synthetic/blended/none");
+        assert_eq!(value(&agg, 0, "asr").unwrap(), Some(93.0));
+        assert_eq!(value(&agg, 0, "ca").unwrap(), Some(82.0));
+        // Sample standard deviation: sqrt(((90 − 93)² + (96 − 93)²) / 1).
+        let sd = value(&agg, 0, "asr_sd").unwrap().unwrap();
+        assert!((sd - 18f64.sqrt()).abs() < 1e-12, "{sd}");
+        assert_eq!(text(&agg, 0, "seeds").unwrap(), "0 1");
+        assert_eq!(text(&agg, 0, "evaluate_step").unwrap(), "knone0 knone1");
+        // Seed 1 of IEU has no CA yet: no mean over one seed of two.
+        assert_eq!(value(&agg, 1, "asr").unwrap(), None);
+        assert_eq!(value(&agg, 1, "ca").unwrap(), None);
+        assert_eq!(aggregated_seeds(&agg).unwrap().as_deref(), Some("0, 1"));
+        // One seed per cell: nothing to fold.
+        let one = frame(&[("none", 3, Some(90.0), Some(80.0))]);
+        let same = aggregate_seeds(&one).unwrap();
+        assert!(same.equals_missing(&one));
+        assert_eq!(aggregated_seeds(&same).unwrap(), None);
+    }
+
     #[test]
     fn every_metric_has_its_own_column_title() {
         let titles: std::collections::BTreeSet<&str> = crate::spec::METRICS

@@ -70,6 +70,42 @@ pub fn plan(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result
     build(spec, scale, data_dir)
 }
 
+/// The spec planned once per seed, `defaults.seed` replaced by each (`--seed 0,1,2`), the
+/// plans merged: steps shared by the seeds (none, in practice: every step descends from the
+/// seeded dataset) are planned once, and each cell carries its seed. No seeds: the spec's
+/// own. `available`: plan as [`plan_available`] does (reports), else as [`plan`].
+pub fn plan_seeds(
+    spec: &LoadedSpec,
+    scale: &Scale,
+    data_dir: Option<&Path>,
+    seeds: &[u64],
+    available: bool,
+) -> Result<Plan> {
+    let one = |spec: &LoadedSpec| {
+        if available {
+            plan_available(spec, scale, data_dir)
+        } else {
+            plan(spec, scale, data_dir)
+        }
+    };
+    let Some((first, rest)) = seeds.split_first() else {
+        return one(spec);
+    };
+    let seeded = |seed: u64| {
+        let mut s = spec.clone();
+        s.spec.defaults.seed = seed;
+        s
+    };
+    let mut merged = one(&seeded(*first))?;
+    for &seed in rest {
+        if merged.seeds().contains(&seed) {
+            bail!("--seed: seed {seed} is given twice");
+        }
+        merged.merge(one(&seeded(seed))?);
+    }
+    Ok(merged)
+}
+
 /// Like [`plan`], but grid entries that are not implemented yet are left out and listed in
 /// `Plan::skipped` (for reports of specs that name them).
 pub fn plan_available(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Plan> {
@@ -292,6 +328,7 @@ fn build(spec: &LoadedSpec, scale: &Scale, data_dir: Option<&Path>) -> Result<Pl
                     dataset: dataset.clone(),
                     attack: attack.clone(),
                     defence: defence.clone(),
+                    seed: d.seed,
                     evaluate: eval_key,
                 });
             }

@@ -21,16 +21,21 @@ fn write_checkpoint(path: &Path, seed: u64) {
     crate::models::timm::export(&vit, &cfg, path).unwrap();
 }
 
-/// The default spec's steps at the smoke scale (structural keys: parameters and DAG
-/// shape, not code), pinned so a refactor cannot silently change what is computed.
-#[test]
-fn the_default_spec_keeps_its_step_keys() {
-    let spec = LoadedSpec::from_str(
+/// The embedded default spec.
+fn default_spec() -> LoadedSpec {
+    LoadedSpec::from_str(
         crate::spec::DEFAULT_SPEC,
         "default.yaml",
         tempfile::tempdir().unwrap().path().to_path_buf(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The default spec's steps at the smoke scale (structural keys: parameters and DAG
+/// shape, not code), pinned so a refactor cannot silently change what is computed.
+#[test]
+fn the_default_spec_keeps_its_step_keys() {
+    let spec = default_spec();
     let scale = spec.scale("smoke").unwrap();
     let p = plan(&spec, &scale, None).unwrap();
     let structural = p.structural_keys();
@@ -298,4 +303,39 @@ fn trigger_files_enter_the_poison_step_as_digests_and_locators() {
         e.contains("t.yaml") && e.contains("defaults.attacks.blended.trigger_file"),
         "{e}"
     );
+}
+
+/// `--seed 0,2`: the spec planned once per seed; seed 0's cells are the spec's own (its
+/// keys do not move), seed 2's are all new steps.
+#[test]
+fn several_seeds_plan_the_spec_once_per_seed() {
+    let spec = default_spec();
+    let scale = spec.scale("smoke").unwrap();
+    let own = plan(&spec, &scale, None).unwrap();
+    let unseeded = plan_seeds(&spec, &scale, None, &[], false).unwrap();
+    let keys = |p: &Plan| p.steps.iter().map(|s| s.key.clone()).collect::<Vec<_>>();
+    assert_eq!(keys(&unseeded), keys(&own));
+    assert_eq!(own.seeds(), vec![0]);
+
+    let both = plan_seeds(&spec, &scale, None, &[0, 2], false).unwrap();
+    assert_eq!(both.seeds(), vec![0, 2]);
+    assert_eq!(both.cells.len(), 2 * own.cells.len());
+    assert_eq!(
+        both.steps.len(),
+        2 * own.steps.len(),
+        "a step shared by seeds"
+    );
+    for (a, b) in own.cells.iter().zip(&both.cells) {
+        assert_eq!((a.seed, &a.evaluate), (b.seed, &b.evaluate));
+    }
+    let own_keys = keys(&own);
+    for c in both.cells.iter().filter(|c| c.seed == 2) {
+        assert!(
+            !own_keys.contains(&c.evaluate),
+            "seed 2 reuses {}",
+            c.evaluate
+        );
+    }
+    let e = plan_seeds(&spec, &scale, None, &[1, 2, 1], false).unwrap_err();
+    assert!(format!("{e:#}").contains("seed 1 is given twice"), "{e:#}");
 }
