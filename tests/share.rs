@@ -306,6 +306,25 @@ fn gc_lists_exactly_what_no_kept_spec_needs() {
         assert!(would.contains(&&k[..12]), "{k} not listed: {listed}");
     }
     assert_eq!(objects(&a), all, "a dry run removes nothing");
+    // Kept with another seed only, the default's own (seed 0) steps are not protected;
+    // with both seeds they are.
+    let gc_seeds = |seeds: &str| {
+        ok(&[
+            "gc",
+            "--dry-run",
+            "--keep",
+            keep.to_str().unwrap(),
+            "--seed",
+            seeds,
+            "--store",
+            sa,
+        ])
+    };
+    let other_seed = gc_seeds("7");
+    for k in &default_objects {
+        assert!(other_seed.contains(&k[..12]), "{k} kept: {other_seed}");
+    }
+    assert_eq!(gc_seeds("0,7").lines().count(), listed.lines().count());
     ok(&[
         "gc",
         "--delete",

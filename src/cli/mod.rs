@@ -274,6 +274,10 @@ pub enum Command {
         /// Scales the kept specs are planned at (repeatable; default: every scale).
         #[arg(long = "scale")]
         scales: Vec<String>,
+        /// Seeds the kept specs are planned with, as `run --seed 0,1,2` (default: each
+        /// spec's own `defaults.seed`): the steps of other seeds are not kept.
+        #[arg(long = "seed", value_name = "N,N", value_delimiter = ',')]
+        seeds: Vec<u64>,
         #[arg(long, env = "IEU_STORE", default_value = "artifacts")]
         store: PathBuf,
         #[arg(long, env = "IEU_DATA_DIR")]
@@ -422,9 +426,10 @@ pub fn main(cli: Cli) -> Result<()> {
             dry_run: _,
             delete,
             scales,
+            seeds,
             store,
             data_dir,
-        } => store_cmds::gc(keep, older_than, delete, scales, store, data_dir),
+        } => store_cmds::gc(keep, older_than, delete, scales, seeds, store, data_dir),
         Command::Verify { store } => store_cmds::verify(store),
         Command::Ls { store, kind } => store_cmds::ls(store, kind),
         Command::Logits {

@@ -47,6 +47,7 @@ pub(super) fn gc(
     older_than: Option<String>,
     delete: bool,
     scales: Vec<String>,
+    seeds: Vec<u64>,
     store: PathBuf,
     data_dir: Option<PathBuf>,
 ) -> Result<()> {
@@ -82,7 +83,8 @@ pub(super) fn gc(
         };
         for sc in names {
             let scale = loaded.scale(&sc)?;
-            match crate::spec::plan::plan(&loaded, &scale, data_dir.as_deref()) {
+            match crate::spec::plan::plan_seeds(&loaded, &scale, data_dir.as_deref(), &seeds, false)
+            {
                 Ok(plan) => planned.extend(plan.steps.iter().map(|s| s.key.clone())),
                 // A spec that cannot be planned at a scale has no steps there.
                 Err(e) if !explicit => eprintln!(
