@@ -921,11 +921,12 @@ fn several_seeds_run_and_report_mean_and_deviation() {
     let dir = tempfile::tempdir().unwrap();
     quick_smoke_scales(dir.path());
     let spec = dir.path().join("default.yaml");
-    std::fs::copy(
+    let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/default.yaml"),
-        &spec,
     )
     .unwrap();
+    let figure = "figures:\n  - name: conf\n    title: CDF\n    c_thresh: 0.95\n    panels:\n      - { dataset: synthetic, attack: blended, defence: ieu, title: Blended }\n";
+    std::fs::write(&spec, format!("{text}{figure}")).unwrap();
     let store = dir.path().join("st");
     let with = |seeds: &str, extra: &[&str]| {
         let mut c = bin();
@@ -960,6 +961,11 @@ fn several_seeds_run_and_report_mean_and_deviation() {
     // row, never `…` (not yet computed).
     let average = md.lines().find(|l| l.contains("*Average*")).unwrap();
     assert!(average.contains("| – |") && !average.contains('…'), "{md}");
+    // A figure draws one run, and its panel says which.
+    let figs = dir.path().join("figs");
+    with("1,2", &["report", "--figures", figs.to_str().unwrap()]);
+    let svg = std::fs::read_to_string(figs.join("conf.svg")).unwrap();
+    assert!(svg.contains("Blended (seed 1)"), "{svg}");
     let csv = with("1,2", &["report", "--format", "csv"]);
     let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
     let col = |n: &str| header.iter().position(|h| *h == n).unwrap();

@@ -58,10 +58,14 @@ pub fn panels(fig: &FigureSpec, plan: &Plan, store: &Store) -> Result<Vec<Panel>
             );
             continue;
         };
-        let title = p
+        let mut title = p
             .title
             .clone()
             .unwrap_or_else(|| format!("{} / {}", p.dataset, p.attack));
+        // A figure draws one run: with several seeds, the first seed's, and says so.
+        if plan.seeds().len() > 1 {
+            title = format!("{title} (seed {})", cell.seed);
+        }
         if fig.kind == FigureKind::UnlearnRate {
             out.push(trace_panel(fig, cell, &by_key, store, title)?);
             continue;
