@@ -263,7 +263,6 @@ impl Plan {
         out
     }
 
-    /// Adds a step unless an identical one is already planned; returns its key.
     /// Adds another plan's steps (each once) and cells: one spec planned with several seeds.
     pub fn merge(&mut self, other: Plan) {
         for s in other.steps {
@@ -288,6 +287,7 @@ impl Plan {
         out
     }
 
+    /// Adds a step unless an identical one is already planned; returns its key.
     pub fn add(&mut self, step: Step) -> String {
         let key = step.key.clone();
         if self.seen.insert(key.clone()) {

@@ -147,8 +147,9 @@ pub fn aggregate_seeds(df: &DataFrame) -> Result<DataFrame> {
             let (mean, sd) = if computed && vals.len() == rows.len() {
                 let n = vals.len() as f64;
                 let mean = vals.iter().sum::<f64>() / n;
+                // A cell planned with one seed only has no spread to show.
                 let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-                (Some(mean), Some(var.sqrt()))
+                (Some(mean), (rows.len() > 1).then(|| var.sqrt()))
             } else {
                 (None, None)
             };
