@@ -24,6 +24,14 @@ if ! command -v nvidia-smi >/dev/null; then
   exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# wgpu loads Vulkan at run time: the loader (libvulkan.so.1) and the driver's ICD file.
+if ! ldconfig -p | grep -q libvulkan.so.1; then
+  log "no libvulkan.so.1: the wgpu route needs the Vulkan loader (Debian/Ubuntu: libvulkan1)"
+fi
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [[ -z ${VK_DRIVER_FILES:-} && -f $icd && ! -f /usr/share/vulkan/icd.d/nvidia_icd.json ]]; then
+  export VK_DRIVER_FILES=$icd
+fi
 
 # Peak GPU memory of a command (MiB), sampled in the background.
 with_peak_memory() {
@@ -69,7 +77,7 @@ for feature in wgpu tch cuda; do
   awk '/^paper:/{p=1} p' experiments/scales.yaml \
     | sed -e 's/^paper:/paper-slice:/' \
           -e 's/data: { pretrain: 25000, tune: 25000, test: 0 }/data: { pretrain: 6400, tune: 6400, test: 1000 }/' \
-          -e 's/epochs: 100,/epochs: 2,/' -e 's/stage1: { epochs: 10,/stage1: { epochs: 1,/' \
+          -e 's/epochs: 100,/epochs: 2,/' -e 's/warmup_epochs: 5,/warmup_epochs: 1,/' -e 's/stage1: { epochs: 10,/stage1: { epochs: 1,/' \
           -e 's/finetune: { epochs: 10,/finetune: { epochs: 1,/' \
           -e 's/stegastamp: { train_images: 0, epochs: 20,/stegastamp: { train_images: 640, epochs: 1,/' \
     >"$dir/scales.yaml"
