@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# IEU's CA cost and Eq. 3 across the scales of one experiment (CIFAR-10, cpu-scale variants):
+# IEU's CA cost and Eq. 3 across the scales of one experiment (cpu-scale variants):
 # runs experiments/EXPERIMENT/spec.yaml at each scale of the scales.yaml beside it, in file
 # order, and writes one table with the checkpoint's test accuracy and calibration, no
 # defence's and IEU's CA and ASR, the gate, and Eq. 3's mean factor and mean unlearning
@@ -7,11 +7,12 @@
 # Eq. 3 trace of each scale's IEU cell on the spec's first figure panel (CSV and plot).
 #
 #   scripts/eq3-sweep.sh EXPERIMENT DATA_DIR [STORE] [OUT]
-#       EXPERIMENT  eq3-vs-checkpoint (pretrains of 3, 10 and 30 epochs) or eq3-vs-tune-lr
-#                   (f_r's finetuning rate 5e-4, 1e-4, 2e-5)
-#       DATA_DIR    holds cifar-10-batches-bin/
+#       EXPERIMENT  eq3-vs-checkpoint (CIFAR-10, pretrains of 3, 10 and 30 epochs),
+#                   eq3-vs-tune-lr (CIFAR-10, f_r's finetuning rate 5e-4, 1e-4, 2e-5) or
+#                   default-tune-lr (the synthetic default, finetuning rate 5e-4, 2e-4, 1e-4)
+#       DATA_DIR    holds cifar-10-batches-bin/ (any directory for the synthetic dataset)
 #       STORE       the artefact store (default: artifacts)
-#       OUT         the table (default: reports/EXPERIMENT-cifar10-cpu.md)
+#       OUT         the table (default: reports/EXPERIMENT-DATASET-cpu.md)
 #   IEU_BENCH=path/to/ieu-bench to use a built binary (default: cargo run --release),
 #   IEU_COMMIT=REV to name the commit it was built from (default: this checkout's HEAD), and
 #   SCALES="a b" to run only some of the experiment's scales.
@@ -25,13 +26,16 @@ usage="usage: scripts/eq3-sweep.sh EXPERIMENT DATA_DIR [STORE] [OUT]"
 EXP=${1:?$usage}
 DATA=${2:?$usage}
 STORE=${3:-artifacts}
-OUT=${4:-reports/$EXP-cifar10-cpu.md}
 SPEC=experiments/$EXP/spec.yaml
 SCALES_FILE=experiments/$EXP/scales.yaml
 if [ ! -f "$SPEC" ] || [ ! -f "$SCALES_FILE" ]; then
-  echo "error: experiments/$EXP/ needs spec.yaml and scales.yaml (try eq3-vs-checkpoint or eq3-vs-tune-lr)" >&2
+  echo "error: experiments/$EXP/ needs spec.yaml and scales.yaml (try eq3-vs-checkpoint, eq3-vs-tune-lr or default-tune-lr)" >&2
   exit 2
 fi
+# The spec's dataset and the cell of its first figure panel name the outputs.
+DSET=$(grep -m1 -oE 'dataset: \[[A-Za-z0-9_-]+' "$SPEC" | sed 's/.*\[//')
+PANEL=$(grep -m1 -oE '\{ dataset: [A-Za-z0-9_-]+, attack: [A-Za-z0-9_+-]+' "$SPEC" | sed -E 's/.*dataset: ([^,]+), attack: (.*)/\1-\2/')
+OUT=${4:-reports/$EXP-$DSET-cpu.md}
 SCALES=${SCALES:-$(grep -E '^[A-Za-z0-9_-]+:' "$SCALES_FILE" | cut -d: -f1 | tr '\n' ' ')}
 if [ -n "${IEU_BENCH:-}" ]; then BIN=("$IEU_BENCH"); else BIN=(cargo run --release -q --); fi
 
@@ -44,15 +48,16 @@ for s in $SCALES; do
   # The per-step Eq. 3 trace of the IEU cell (one CSV row per unlearned batch) and its plot.
   mkdir -p "$(dirname "$OUT")/figures"
   for ext in csv png svg; do
-    cp "$tmp/fig-$s/eq3-trace.$ext" "$(dirname "$OUT")/figures/eq3-trace-cifar10-badnets-white-$s.$ext"
+    cp "$tmp/fig-$s/eq3-trace.$ext" "$(dirname "$OUT")/figures/eq3-trace-$PANEL-$s.$ext"
   done
 done
 
 COMMIT=${IEU_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-python3 - "$OUT" "$tmp" "$COMMIT" "$EXP" "$SCALES_FILE" $SCALES <<'EOF'
+python3 - "$OUT" "$tmp" "$COMMIT" "$EXP" "$SCALES_FILE" "$DSET" $SCALES <<'EOF'
 import csv, re, sys
 from collections import defaultdict
-out, tmp, commit, exp, scales_file, scales = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+out, tmp, commit, exp, scales_file, dset, scales = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
+dset_name = {"cifar10": "CIFAR-10", "synthetic": "the synthetic default"}.get(dset, dset)
 
 # What each scale sets: its description, its pretraining epochs and f_r's finetuning rate.
 text, settings, name = open(scales_file).read(), {}, None
@@ -70,6 +75,12 @@ for line in text.splitlines():
         m = re.match(pat, line)
         if m:
             settings[name][key] = m.group(1)
+    # A dataset's own pretraining epochs (`epochs_per_dataset: { cifar10: 30 }`) win.
+    m = re.match(r"^\s+pretrain:.*\bepochs_per_dataset:\s*\{([^}]*)\}", line)
+    if m:
+        per = dict(kv.split(":") for kv in m.group(1).replace(" ", "").split(",") if kv)
+        if dset in per:
+            settings[name]["pretrain_epochs"] = per[dset]
 
 def f(v, nd=2):
     return "–" if v in ("", None) else f"{float(v):.{nd}f}"
@@ -103,12 +114,13 @@ for s in scales:
                       f"| {sum(ls)/len(ls):.2f} | {min(ls):.2f}–{max(ls):.2f} | {floor} |")
 scale_list = "\n".join(f"- `{s}`: {settings.get(s, {}).get('description', '')}" for s in scales)
 with open(out, "w") as fh:
-    fh.write(f"""# IEU's CA cost and Eq. 3 across `{exp}` (CIFAR-10, cpu scale)
+    fh.write(f"""# IEU's CA cost and Eq. 3 across `{exp}` ({dset_name}, cpu scale)
 
 Written by `scripts/eq3-sweep.sh {exp}` (ieu-bench at commit {commit}). The scales differ
 only where `experiments/{exp}/scales.yaml` says; everything else is the cpu scale's
 (f_r finetuned for 8 epochs on 10 000 images poisoned at rate 0.1; c_thresh 0.95, a
-one-block f_p, logit masking). CA and ASR on the whole test split.
+one-block f_p, logit masking; the rest as `experiments/{exp}/spec.yaml` says). CA and ASR
+on the whole test split.
 
 {scale_list}
 

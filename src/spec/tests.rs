@@ -197,6 +197,36 @@ fn every_shipped_spec_is_valid() {
     assert!(n >= 15, "only {n} specs found");
 }
 
+/// The sweeps under `experiments/<name>/` (a `spec.yaml` and the `scales.yaml` beside it,
+/// run by `scripts/eq3-sweep.sh`) load and plan at every scale they define.
+#[test]
+fn every_shipped_sweep_is_valid_at_each_of_its_scales() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let sweep = entry.unwrap().path();
+        if !sweep.is_dir() {
+            continue;
+        }
+        let path = sweep.join("spec.yaml");
+        let spec =
+            LoadedSpec::load(Some(&path)).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        let scales = spec.scale_names().unwrap();
+        assert!(scales.len() >= 2, "{}: {scales:?}", sweep.display());
+        for name in scales {
+            let mut scale = spec.scale(&name).unwrap();
+            // Plan on the generated data with a small test split (CIFAR-10 needs files).
+            let mut spec = spec.clone();
+            spec.spec.grid.dataset = vec!["synthetic".into()];
+            scale.data.test = scale.data.test.min(1000);
+            plan::plan(&spec, &scale, None)
+                .unwrap_or_else(|e| panic!("{} at {name}: {e:#}", path.display()));
+        }
+        n += 1;
+    }
+    assert!(n >= 3, "only {n} sweeps found");
+}
+
 #[test]
 fn embedded_scales_parse() {
     for name in ["smoke", "cpu", "paper"] {
