@@ -63,7 +63,7 @@ impl Attack for Cat {
     /// The ranges, and a base CAT can perturb: a registered attack that takes no base.
     fn check(&self, settings: &Value) -> Result<(), String> {
         let s = CatSettings::checked(settings)?;
-        if !super::registered(&s.base).is_some_and(|b| !b.takes_base()) {
+        if super::registered(&s.base).is_none_or(|b| b.takes_base()) {
             return Err(format!(
                 "base: '{}' is not an attack CAT can perturb",
                 s.base

@@ -429,10 +429,10 @@ impl Executor {
                         tracing::warn!("{e:#}; computing it again");
                         *st.requeued.entry(step.key.clone()).or_default() += 1;
                         st.recomputed += 1;
-                        if let Some(input) = by_key.get(d.key.as_str()) {
-                            if !st.pending.iter().any(|s| s.key == input.key) {
-                                st.pending.push(input);
-                            }
+                        if let Some(input) = by_key.get(d.key.as_str())
+                            && !st.pending.iter().any(|s| s.key == input.key)
+                        {
+                            st.pending.push(input);
                         }
                         st.pending.push(step);
                     }

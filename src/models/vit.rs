@@ -369,7 +369,7 @@ mod tests {
         // Patch 1 (row 0, col 1) of image 1, channel 2, pixel (1, 0) -> input index
         // img1: 48 + c2: 32 + y1: 4 + x (2+0) = 86
         let patch = 1;
-        let off = (1 * 4 + patch) * 12 + 2 * 4 + 1 * 2;
+        let off = (4 + patch) * 12 + 2 * 4 + 2;
         assert_eq!(p[off], 86.0);
         let logits = vit.forward(Tensor::<4>::from_data(
             TensorData::new(vals, [2, 3, 4, 4]),

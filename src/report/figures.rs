@@ -503,7 +503,7 @@ mod tests {
         // At the default 20 px the long title is wider than the figure: it would be cut off.
         assert!(title_width(20.0, long) > 720);
         let size = title_font_size(&root, long);
-        assert!(size < 20.0 && size >= 11.0, "size {size}");
+        assert!((11.0..20.0).contains(&size), "size {size}");
         assert!(title_width(size, long) + 24 <= 720);
         assert_eq!(title_font_size(&root, short), 20.0);
     }

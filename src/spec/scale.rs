@@ -215,7 +215,7 @@ pub(crate) fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
             format!("{} is too small (at least 8)", s.image_size),
         ));
     }
-    if s.model.patch_size == 0 || s.image_size % s.model.patch_size != 0 {
+    if s.model.patch_size == 0 || !s.image_size.is_multiple_of(s.model.patch_size) {
         return Err(f(
             "model.patch_size",
             format!(
@@ -224,7 +224,7 @@ pub(crate) fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
             ),
         ));
     }
-    if s.model.heads == 0 || s.model.dim % s.model.heads != 0 {
+    if s.model.heads == 0 || !s.model.dim.is_multiple_of(s.model.heads) {
         return Err(f(
             "model.heads",
             format!("{} does not divide dim {}", s.model.heads, s.model.dim),
@@ -327,19 +327,19 @@ pub(crate) fn validate_scale(s: &Scale, file: &str, name: &str) -> Result<()> {
 /// scale stay possible anywhere).
 pub fn check_memory(s: &Scale) -> Result<()> {
     let est = memory_estimate(s);
-    if let Some(avail) = available_memory() {
-        if est.total() > avail {
-            bail!(
-                "{}: field `{}.image_size`: {} with this model and batch needs about {} of memory ({} for the images, {} for training a batch on the CPU), more than the {} available",
-                s.origin,
-                s.name,
-                s.image_size,
-                gib(est.total()),
-                gib(est.data),
-                gib(est.training),
-                gib(avail)
-            );
-        }
+    if let Some(avail) = available_memory()
+        && est.total() > avail
+    {
+        bail!(
+            "{}: field `{}.image_size`: {} with this model and batch needs about {} of memory ({} for the images, {} for training a batch on the CPU), more than the {} available",
+            s.origin,
+            s.name,
+            s.image_size,
+            gib(est.total()),
+            gib(est.data),
+            gib(est.training),
+            gib(avail)
+        );
     }
     Ok(())
 }

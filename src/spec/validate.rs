@@ -26,7 +26,7 @@ fn check_per_dataset(spec: &Spec, file: &str) -> Result<()> {
             );
         }
         for name in defences.keys() {
-            if !crate::defences::registered(name).is_some_and(|d| d.default_settings().is_some()) {
+            if crate::defences::registered(name).is_none_or(|d| d.default_settings().is_none()) {
                 bail!(
                     "{file}: field `per_dataset.{ds}.{name}`: not a defence with settings (known: {})",
                     crate::defences::REGISTRY

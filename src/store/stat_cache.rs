@@ -103,12 +103,11 @@ pub fn digest(path: &Path) -> Result<String> {
     let st = stamp(&meta);
     {
         let mut guard = STATE.lock().unwrap();
-        if let Some(s) = guard.as_mut() {
-            if let Some((cached, d)) = s.cache.entries.get(text.as_ref()) {
-                if *cached == st {
-                    return Ok(d.clone());
-                }
-            }
+        if let Some(s) = guard.as_mut()
+            && let Some((cached, d)) = s.cache.entries.get(text.as_ref())
+            && *cached == st
+        {
+            return Ok(d.clone());
         }
     }
     let d = super::digest_file(&abs)?.blake3;
