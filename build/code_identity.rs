@@ -300,9 +300,10 @@ fn numeric_dependencies(lock: &Path, manifest: &Path) -> String {
             name = Some(n.trim_matches('"').to_string());
         } else if let Some(v) = line.strip_prefix("version = ")
             && let Some(n) = name.take()
-                && NUMERIC_CRATES.iter().any(|p| n.starts_with(p)) {
-                    found.insert(format!("{n} {}", v.trim_matches('"')));
-                }
+            && NUMERIC_CRATES.iter().any(|p| n.starts_with(p))
+        {
+            found.insert(format!("{n} {}", v.trim_matches('"')));
+        }
     }
     found.into_iter().collect::<Vec<_>>().join(", ")
 }
@@ -566,20 +567,22 @@ fn strip_docs(ts: TokenStream) -> TokenStream {
     let mut i = 0;
     while i < toks.len() {
         if let TokenTree::Punct(p) = &toks[i]
-            && p.as_char() == '#' {
-                let mut j = i + 1;
-                if matches!(toks.get(j), Some(TokenTree::Punct(q)) if q.as_char() == '!') {
-                    j += 1;
-                }
-                if let Some(TokenTree::Group(g)) = toks.get(j)
-                    && g.delimiter() == Delimiter::Bracket {
-                        let first = g.stream().into_iter().next();
-                        if matches!(first, Some(TokenTree::Ident(ref id)) if id == "doc") {
-                            i = j + 1;
-                            continue;
-                        }
-                    }
+            && p.as_char() == '#'
+        {
+            let mut j = i + 1;
+            if matches!(toks.get(j), Some(TokenTree::Punct(q)) if q.as_char() == '!') {
+                j += 1;
             }
+            if let Some(TokenTree::Group(g)) = toks.get(j)
+                && g.delimiter() == Delimiter::Bracket
+            {
+                let first = g.stream().into_iter().next();
+                if matches!(first, Some(TokenTree::Ident(ref id)) if id == "doc") {
+                    i = j + 1;
+                    continue;
+                }
+            }
+        }
         match &toks[i] {
             TokenTree::Group(g) => {
                 let mut ng = proc_macro2::Group::new(g.delimiter(), strip_docs(g.stream()));
@@ -905,9 +908,10 @@ impl Index {
                     }
                     What::Fn => {
                         if let Some(t) = &n.self_ty
-                            && let Some(h) = self.headers.get(t) {
-                                queue.extend(h.iter().map(|&j| (j, p)));
-                            }
+                            && let Some(h) = self.headers.get(t)
+                        {
+                            queue.extend(h.iter().map(|&j| (j, p)));
+                        }
                     }
                     What::ImplHeader(true) => {
                         if let Some(m) = k.impl_members.get(&i) {

@@ -33,8 +33,12 @@ if [ ! -f "$SPEC" ] || [ ! -f "$SCALES_FILE" ]; then
   exit 2
 fi
 # The spec's dataset and the cell of its first figure panel name the outputs.
-DSET=$(grep -m1 -oE 'dataset: \[[A-Za-z0-9_-]+' "$SPEC" | sed 's/.*\[//')
-PANEL=$(grep -m1 -oE '\{ dataset: [A-Za-z0-9_-]+, attack: [A-Za-z0-9_+-]+' "$SPEC" | sed -E 's/.*dataset: ([^,]+), attack: (.*)/\1-\2/')
+DSET=$(grep -m1 -oE 'dataset: \[[A-Za-z0-9_-]+' "$SPEC" | sed 's/.*\[//' || true)
+PANEL=$(grep -m1 -oE '\{ dataset: [A-Za-z0-9_-]+, attack: [A-Za-z0-9_+-]+' "$SPEC" | sed -E 's/.*dataset: ([^,]+), attack: (.*)/\1-\2/' || true)
+if [ -z "$DSET" ] || [ -z "$PANEL" ]; then
+  echo "error: $SPEC needs a grid line \`dataset: [NAME, ...]\` and a figure panel \`{ dataset: NAME, attack: NAME, ... }\` (see experiments/eq3-vs-tune-lr/spec.yaml)" >&2
+  exit 2
+fi
 OUT=${4:-reports/$EXP-$DSET-cpu.md}
 SCALES=${SCALES:-$(grep -E '^[A-Za-z0-9_-]+:' "$SCALES_FILE" | cut -d: -f1 | tr '\n' ' ')}
 if [ -n "${IEU_BENCH:-}" ]; then BIN=("$IEU_BENCH"); else BIN=(cargo run --release -q --); fi
