@@ -8,8 +8,9 @@
 #
 #   scripts/eq3-sweep.sh EXPERIMENT DATA_DIR [STORE] [OUT]
 #       EXPERIMENT  eq3-vs-checkpoint (CIFAR-10, pretrains of 3, 10 and 30 epochs),
-#                   eq3-vs-tune-lr (CIFAR-10, f_r's finetuning rate 5e-4, 1e-4, 2e-5) or
-#                   default-tune-lr (the synthetic default, finetuning rate 5e-4, 2e-4, 1e-4)
+#                   eq3-vs-tune-lr (CIFAR-10, f_r's finetuning rate 5e-4, 1e-4, 2e-5),
+#                   default-tune-lr (the synthetic default, finetuning rate 5e-4, 2e-4, 1e-4) or
+#                   default-tune-epochs (the synthetic default, f_r finetuned 8 or 10 epochs)
 #       DATA_DIR    holds cifar-10-batches-bin/ (any directory for the synthetic dataset)
 #       STORE       the artefact store (default: artifacts)
 #       OUT         the table (default: reports/EXPERIMENT-DATASET-cpu.md)
@@ -29,7 +30,7 @@ STORE=${3:-artifacts}
 SPEC=experiments/$EXP/spec.yaml
 SCALES_FILE=experiments/$EXP/scales.yaml
 if [ ! -f "$SPEC" ] || [ ! -f "$SCALES_FILE" ]; then
-  echo "error: experiments/$EXP/ needs spec.yaml and scales.yaml (try eq3-vs-checkpoint, eq3-vs-tune-lr or default-tune-lr)" >&2
+  echo "error: experiments/$EXP/ needs spec.yaml and scales.yaml (try eq3-vs-checkpoint, eq3-vs-tune-lr, default-tune-lr or default-tune-epochs)" >&2
   exit 2
 fi
 # The spec's dataset and the cell of its first figure panel name the outputs.

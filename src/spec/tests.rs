@@ -227,7 +227,7 @@ fn every_shipped_sweep_is_valid_at_each_of_its_scales() {
         }
         n += 1;
     }
-    assert!(n >= 3, "only {n} sweeps found");
+    assert!(n >= 4, "only {n} sweeps found");
 }
 
 #[test]
