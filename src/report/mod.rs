@@ -200,7 +200,15 @@ fn pretrain_of<'p>(by_key: &BTreeMap<&str, &'p crate::dag::Step>, step: &str) ->
         if s.kind == crate::dag::Kind::Pretrain {
             return Some(s.key.as_str());
         }
-        stack.extend(s.inputs.values().cloned());
+        // A finetune's `pretrain` input is the checkpoint its model starts from; its other
+        // inputs (IEU's `stage1`, whose f_p is always cut from the ViT) are followed only
+        // after it, so an f_r of another architecture reports its own checkpoint.
+        let (own, other): (Vec<_>, Vec<_>) = s
+            .inputs
+            .iter()
+            .partition(|(role, _)| role.as_str() == "pretrain");
+        stack.extend(other.into_iter().map(|(_, k)| k.clone()));
+        stack.extend(own.into_iter().map(|(_, k)| k.clone()));
     }
     None
 }
@@ -719,6 +727,37 @@ pub fn cell_key(row_axes: &[String], labels: &[String], col_axis: &str, group: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// IEU with f_r of another architecture: the evaluated model's checkpoint is f_r's
+    /// (`pretrain` input of its finetune), not the ViT that f_p is cut from.
+    #[test]
+    fn checkpoint_column_follows_the_evaluated_model() {
+        use crate::spec::{DEFAULT_SCALES, LoadedSpec, load_scale, plan};
+        let spec = LoadedSpec::from_str(
+            r#"
+name: t
+title: T
+variants: { ieu-vgg11: { base: ieu, model: vgg11 } }
+grid: { dataset: [synthetic], attack: [badnets-white], defence: [ieu, ieu-vgg11] }
+report: { rows: [dataset, attack], columns: defence, metrics: [asr, ca] }
+"#,
+            "t.yaml",
+            ".".into(),
+        )
+        .unwrap();
+        let scale = load_scale(DEFAULT_SCALES, "scales.yaml", "smoke").unwrap();
+        let p = plan::plan(&spec, &scale, None).unwrap();
+        let by_key: BTreeMap<&str, &crate::dag::Step> =
+            p.steps.iter().map(|s| (s.key.as_str(), s)).collect();
+        let checkpoint = |defence: &str| {
+            let cell = p.cells.iter().find(|c| c.defence == defence).unwrap();
+            by_key[pretrain_of(&by_key, &cell.evaluate).unwrap()]
+                .label
+                .clone()
+        };
+        assert_eq!(checkpoint("ieu"), "pretrain synthetic");
+        assert_eq!(checkpoint("ieu-vgg11"), "pretrain synthetic vgg11");
+    }
 
     /// A collected frame: (defence, seed, asr, ca) rows of one dataset and attack, the
     /// other metrics null.
