@@ -186,7 +186,8 @@ fn aggregated_seeds(df: &DataFrame) -> Result<Option<String>> {
 }
 
 /// The `pretrain` step of the plan that a step's model was finetuned from, if one trained it
-/// (none when the checkpoint was imported).
+/// (none when the checkpoint was imported). Each step's own `pretrain` input is searched
+/// before its other inputs, so the answer is the evaluated model's checkpoint.
 fn pretrain_of<'p>(by_key: &BTreeMap<&str, &'p crate::dag::Step>, step: &str) -> Option<&'p str> {
     let mut stack = vec![step.to_string()];
     let mut seen = std::collections::BTreeSet::new();
